@@ -433,7 +433,8 @@ def store_plain_message(op, w, dedupe_db, conv_info, device_key, record_ids, app
     ck = info[0]
     hot = w.hot
     c = hot.convs.get(ck)
-    if c is None or sender not in c.member_set or not c.flagged or c.heads_gen != hot.heads_gen:
+    if (c is None or sender not in c.member_set or not c.flagged or c.heads_gen != hot.heads_gen
+            or (after and after <= c.purged)):  # (a purged group's history: the general path refuses it)
         return None
     last = hot.seqs.get(ck)
     if last is None:
@@ -557,8 +558,8 @@ def store_plain_run(ops, start, kind, w, dedupe_db, conv_info, device_key, recor
                 if c is None or not c.flagged or c.heads_gen != heads_gen:
                     break
                 last_conv, last_ck, last_c = conv, ck, c
-            if sender not in c.member_set:
-                break
+            if sender not in c.member_set or (after and after <= c.purged):
+                break  # (after_seq at or below a group's purge point: the general path refuses it)
             last = seqs.get(ck)
             if last is None:
                 break

@@ -176,6 +176,7 @@ FINAL_CODES = frozenset(
         ErrorCode.BAD_ACTION,
         ErrorCode.TOO_MANY_MENTIONS,
         ErrorCode.BAD_MENTION,
+        ErrorCode.PURGED,
     }
 )
 #: Refusals that mean "slow down, then retry with the same local id".  Any
@@ -236,6 +237,9 @@ def _refusal_reason(code: ErrorCode, conv: Optional[str], user: str) -> str:
         if problem is not None:
             return f"invalid conversation id: {problem}"
         return "the broker found a field of the request invalid"
+    if code is ErrorCode.PURGED and conv is not None:
+        return (f"group {_show(conv)} was purged after this message was written: it answers deleted history"
+                " and was not stored (the group may have been created again with other members)")
     if conv is None or code not in (ErrorCode.NOT_MEMBER, ErrorCode.UNKNOWN_CONVERSATION):
         return ""
     pair = direct_members(conv) if isinstance(conv, str) else None
@@ -2400,6 +2404,8 @@ class ClientSession:
             # Its unconfirmed marker too: re-sent at every reconnect, it was
             # refused, then stored in a group created again with the id.
             self._read_wanted.pop(conv, None)
+            if direct_members(conv) is None:
+                self._seen_seq.pop(conv, None)  # (a group's next send answers nothing of it: _on_conv_purged)
             if conv in self.read_states:
                 self._rs_counted[conv] = self.read_states[conv].last_seq  # (the kept 1:1 state counts nothing up to it)
             else:
@@ -2432,6 +2438,11 @@ class ClientSession:
             # the broker's: the login's ReadStates come after this).
             self.read_states.pop(conv, None)
             self._rs_counted.pop(conv, None)
+            if self._seen_seq.get(conv, 0) <= f.last_seq:
+                # Its seqs seen too: a send's after_seq at or below the
+                # purge point is refused (PURGED: it would answer deleted
+                # history); sends written before this keep theirs.
+                self._seen_seq.pop(conv, None)
         if f.gone:
             self.conversations.pop(conv, None)
             self._entry_counted.pop(conv, None)

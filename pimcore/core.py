@@ -2904,10 +2904,28 @@ class Broker:
             return
         elif isinstance(res, Rejected):
             self._stats["rejected"] += 1
-            ack = F.SendAck(op.local_id, res.code, b"", 0, 0)
+            code = res.code
+            if code == ErrorCode.PURGED and not self._knows_purges(ctx):
+                # (A client that did not ask CAP_CONV_PURGED may not know the
+                # code, and would retry it as an unknown one: it gets the
+                # final REJECTED, "refused by policy", instead.)
+                code = ErrorCode.REJECTED
+            ack = F.SendAck(op.local_id, code, b"", 0, 0)
         else:  # pragma: no cover - a store contract violation
             raise TypeError(f"unexpected result {res!r} for NewMessage")
         self._ack_waiters(ctx, ack, out, acks=acks)
+
+    def _knows_purges(self, ctx: _PendingSend) -> bool:
+        """Whether the device waiting for ``ctx``'s SendAck asked for
+        CAP_CONV_PURGED (so knows ErrorCode.PURGED).  Its retries wait on
+        the same pending send from the same device: the first waiting
+        connection answers for them."""
+        for waiter in ctx.waiters:
+            c = waiter.conn if isinstance(waiter, _HeldAck) else self._conns.get(waiter) if isinstance(waiter, int) else None
+            if c is not None:
+                dev = self._online.get(c.user, {}).get(c.device)
+                return dev is not None and dev.conn == c.id and bool(dev.caps & F.CAP_CONV_PURGED)
+        return False
 
     def _ack_waiters(
         self, ctx: _PendingSend, ack: F.SendAck, out: list[Command], duplicate: bool = False,

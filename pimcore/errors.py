@@ -53,6 +53,13 @@ class ErrorCode(IntEnum):
     # -- typing and presence (issue 14 part 3) --
     PRESENCE_LIMIT = 48  # a PresenceSub names more users than the broker allows
     TYPING_NOT_RELAYED = 49  # typing is not relayed in this conversation (too many members)
+    # -- purges --
+    #: A group send whose SendReq.after_seq is at or below the group's purge
+    #: point: it answers history that was purged (the group was deleted,
+    #: perhaps created again with the id since, with other members).  Not
+    #: stored.  Sent only to clients that ask Login.caps CAP_CONV_PURGED;
+    #: others get REJECTED.
+    PURGED = 50
     # -- server side; the client should retry later with the same local id --
     STORE_UNAVAILABLE = 30
     INTERNAL = 31

@@ -500,7 +500,7 @@ def test_a_duplicate_ack_of_a_finished_send_is_ignored():
     assert [c.local_id for c in s.completions()] == [other]
 
 
-@pytest.mark.parametrize("code", sorted({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER, ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED}))
+@pytest.mark.parametrize("code", sorted({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER, ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED, ErrorCode.PURGED}))
 def test_a_final_refusal_completes_the_send_with_its_code(code):
     s = session()
     b = connect(s, T0)
@@ -2192,3 +2192,32 @@ def test_the_purge_point_a_login_repeats_is_emitted_once_per_running_session():
     assert [e for e in events(s, T0) if isinstance(e, ConversationPurged)] == [ConversationPurged("team", 2, False)]
     b.feed(T0, F.ConvPurged("team", 4, False))  # (purged again)
     assert [e for e in events(s, T0) if isinstance(e, ConversationPurged)] == [ConversationPurged("team", 4, False)]
+
+
+def test_a_group_purge_forgets_the_seqs_seen_so_the_next_send_answers_nothing_purged():
+    # A send whose after_seq is at or below a group's purge point is refused
+    # (PURGED: written while the device showed the old group, it would go
+    # to the members of a group created again with the id -- a new user's
+    # trial).  So the session forgets what it saw of a purged group: its
+    # next send there says after_seq 0, or a seq after the purge; a send
+    # written before the purge keeps its own and is refused, for good,
+    # with the reason in words.  A 1:1 chat goes on as before.
+    s, b = listed()
+    b.feed(T0, F.Push(4, (msg(3, 1, conv="team"), msg(4, 2, conv="team"))))
+    events(s, T0)
+    early = s.send("team", b"written before", T0)
+    assert b.read_one(F.SendReq).after_seq == 2  # type: ignore[attr-defined]
+    b.feed(T0, F.ConvPurged("team", 2, True))
+    s.send("team", b"after", T0)
+    assert b.read_one(F.SendReq).after_seq == 0  # type: ignore[attr-defined]
+    b.feed(T0, F.Push(5, (msg(5, 3, conv="team"),)))
+    s.send("team", b"reply", T0)
+    assert b.read_one(F.SendReq).after_seq == 3  # type: ignore[attr-defined]
+    b.feed(T0, F.SendAck(early, ErrorCode.PURGED, b"", 0, 0))
+    [done] = [c for c in s.completions() if getattr(c, "local_id", None) == early]
+    assert isinstance(done.error, SendError) and done.error.code is ErrorCode.PURGED
+    assert "group 'team' was purged after this message was written" in str(done.error)
+    s.send(CONV, b"1:1", T0)
+    b.feed(T0, F.ConvPurged(CONV, 2, False))
+    s.send(CONV, b"1:1 again", T0)
+    assert [r.after_seq for r in b.read() if isinstance(r, F.SendReq)] == [2, 2]  # type: ignore[attr-defined]

@@ -600,3 +600,73 @@ def test_a_login_tells_a_device_that_asks_each_conversations_purge_point_over_ev
     # A device that did not ask gets none.
     b2 = h.login("bob", "laptop")
     assert not [f for f in h.take(b2) if isinstance(f, F.ConvPurged)]
+
+
+def test_a_group_send_that_answers_purged_history_is_refused(store: Store, mk: Maker) -> None:
+    """A send queued on a device before its group was purged went out after
+    the group was created again with the id, to its new members (a new
+    user's trial, HIGH).  A group send whose ``after_seq`` names a purged
+    seq (0 < after_seq <= the purge point) answers history that is gone:
+    PURGED, nothing stored, no dedupe record (a retry is refused again).
+    ``after_seq`` 0 (nothing seen) and seqs after the purge are stored; a
+    1:1 chat goes on after its purge (the same two users)."""
+    store.create_group("team", ["alice", "bob"], 1)
+    send(store, mk, 3, "team")
+    send(store, mk, 2)
+    mk.commit(store, PurgeConversation("team"), PurgeConversation(AB))
+    store.create_group("team", ["alice", "carol"], mk.time)
+    stale, edge = mk("team", "alice", after_seq=1), mk("team", "alice", after_seq=3)
+    fresh, later = mk("team", "alice"), mk("team", "carol", after_seq=4)
+    post = mk("team", "alice", after_seq=(1 << 64) - 1)  # (the host's posts: "after the last seq")
+    direct = mk(AB, "bob", after_seq=2)
+    res = mk.commit(store, stale, fresh, edge, later, post, direct)
+    assert res[0] == res[2] == Rejected(ErrorCode.PURGED)
+    stored = [res[i] for i in (1, 3, 4, 5)]
+    assert all(isinstance(r, Appended) for r in stored)
+    assert [(r.seq, r.after_seq) for r in stored] == [(4, 0), (5, 4), (6, 5), (3, 2)]  # type: ignore[union-attr]
+    assert seqs(store.history("team", 0, 10)) == [4, 5, 6]
+    assert not store.deduped("alice", "phone", stale.local_id) and not store.deduped("alice", "phone", edge.local_id)
+    assert mk.commit(store, stale) == (Rejected(ErrorCode.PURGED),)  # (its retry)
+    # A sender who is not a member of the new group hears that first.
+    assert mk.commit(store, mk("team", "bob", after_seq=2)) == (Rejected(ErrorCode.NOT_MEMBER),)
+    # One op at a time (the general path of a store that runs plain sends
+    # in one call): the same answers.
+    assert mk.commit(store, mk("team", "carol", after_seq=3)) == (Rejected(ErrorCode.PURGED),)
+    [ok] = mk.commit(store, mk("team", "carol", after_seq=6))
+    assert isinstance(ok, Appended) and ok.seq == 7
+
+
+def test_a_stale_send_to_a_group_created_again_is_refused_over_every_store(store: Store) -> None:
+    # A new user's trial (HIGH): a send written on bob's phone while it
+    # still showed the old group went out after the group was purged and
+    # created again with the id -- to its new members, who never saw what
+    # it answers.  Its after_seq names a purged seq: SendAck PURGED to a
+    # device that asked CAP_CONV_PURGED (it knows the code), REJECTED (final)
+    # to one that did not; nothing is stored or pushed.
+    from _harness import Harness
+    from pimcore import frames as F
+
+    h = Harness(store, driver="inline")
+    a = h.login("alice", "phone", caps=F.CAP_CONV_PURGED)
+    b = h.login("bob", "phone")
+    h.host_call(h.broker.create_group, "team", ["alice", "bob", "carol"])
+    for i in range(3):
+        h.send(a, "team", b"t%d" % i)
+    h.host_call(h.broker.purge_conversation, "team")
+    h.host_call(h.broker.create_group, "team", ["alice", "bob", "dave"])
+    d = h.login("dave", "phone")
+    for conn in (a, b, d):
+        h.drain_device(conn)
+        h.take(conn)
+    h.feed(a, F.SendReq(50, "team", h.now, b"stale", after_seq=3))
+    h.feed(b, F.SendReq(51, "team", h.now, b"stale", after_seq=2))
+    assert [(k.local_id, k.code) for k in h.acks(a)] == [(50, ErrorCode.PURGED)]
+    assert [(k.local_id, k.code) for k in h.acks(b)] == [(51, ErrorCode.REJECTED)]
+    assert not h.pushed(d) and store.history("team", 0, 10) == []
+    # Nothing seen (0), or a seq after the purge: stored.
+    h.feed(a, F.SendReq(52, "team", h.now, b"fresh", after_seq=0))
+    [ok] = h.acks(a)
+    assert ok.code == ErrorCode.OK and ok.seq == 4
+    h.feed(b, F.SendReq(53, "team", h.now, b"reply", after_seq=4))
+    assert [k.code for k in h.acks(b)] == [ErrorCode.OK]
+    assert [m.payload for m in h.pushed(d)] == [b"fresh", b"reply"]

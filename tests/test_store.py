@@ -151,6 +151,7 @@ class Maker:
         local_id: Optional[int] = None,
         payload: bytes = b"hello",
         server_time: Optional[int] = None,
+        after_seq: int = 0,
     ) -> NewMessage:
         if local_id is None:
             local_id = self.local.get((sender, device), 0) + 1
@@ -168,6 +169,7 @@ class Maker:
             server_time=server_time,
             payload=payload,
             digest=digest(conv, payload),
+            after_seq=after_seq,
         )
 
     def commit(self, store: Store, *ops: object) -> tuple[Result, ...]:

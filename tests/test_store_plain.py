@@ -94,12 +94,12 @@ class _Cursor:
 
 
 def _batch(*, member: bool, flagged: bool, loaded: bool, seq_known: bool, conv_known: bool, staging: bool,
-           staged_retry: bool, stored_retry: bool) -> SimpleNamespace:
+           staged_retry: bool, stored_retry: bool, purged: bool) -> SimpleNamespace:
     users = ("al", "bo")
     conv = SimpleNamespace(users=users if member else ("al", "cy"), uks=tuple(tk(u) for u in (users if member
                                                                                            else ("al", "cy"))),
                            member_set=frozenset(users if member else ("al", "cy")), flagged=flagged,
-                           heads_gen=3 if loaded else 2)
+                           heads_gen=3 if loaded else 2, purged=3 if purged else 0)  # (3: OP's after_seq)
     ck = tk("d:al:bo")
     heads = {u: 5 for u in conv.uks}
     hot = SimpleNamespace(convs={ck: conv} if conv_known else {}, seqs={ck: 41} if seq_known else {},
@@ -125,7 +125,7 @@ def _call(backend: ModuleType, op: object, w: SimpleNamespace) -> object:
 
 OP = NewMessage(b"M" * 16, "d:al:bo", "bo", "ph", 7, -5, 1_700_000, b"payload", b"D" * 16, 3)
 GOOD = dict(member=True, flagged=True, loaded=True, seq_known=True, conv_known=True, staging=True,
-            staged_retry=False, stored_retry=False)
+            staged_retry=False, stored_retry=False, purged=False)
 
 
 def test_the_common_case_stages_the_message_and_fans_it_out(backend: ModuleType) -> None:
@@ -144,6 +144,7 @@ def test_the_common_case_stages_the_message_and_fans_it_out(backend: ModuleType)
 @pytest.mark.parametrize("change", [
     {"member": False}, {"flagged": False}, {"loaded": False}, {"seq_known": False}, {"conv_known": False},
     {"staging": False}, {"staged_retry": True}, {"stored_retry": True},
+    {"purged": True},  # (after_seq at the conversation's purge point: PURGED, said by the general path)
 ])
 def test_anything_but_the_common_case_is_handed_back_untouched(backend: ModuleType, change: dict) -> None:
     w = _batch(**{**GOOD, **change})
@@ -604,3 +605,13 @@ def test_retries_of_local_ids_other_paths_wrote_are_found(tmp_path: Any) -> None
         ["Appended", "Appended", "Duplicate"],
         ["Duplicate", "DUPLICATE_CONFLICT", "Appended", "Duplicate"],
     ]
+
+
+def test_an_after_seq_above_the_purge_point_or_none_is_the_common_case(backend: ModuleType) -> None:
+    # (Only 0 < after_seq <= the purge point is handed back: the general
+    # path refuses it, base.NewMessage.)
+    for after_seq in (0, 4):
+        w = _batch(**{**GOOD, "purged": True})
+        assert _call(backend, dataclasses.replace(OP, after_seq=after_seq), w) is not None
+    w = _batch(**{**GOOD, "purged": True})
+    assert _call(backend, dataclasses.replace(OP, after_seq=1), w) is None

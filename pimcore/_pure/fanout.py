@@ -261,7 +261,8 @@ def store_plain_message(
     path would; or None, having changed nothing, for anything else -- a
     field the general path would refuse or that needs it (mentions, events,
     the system sender, a retry, an unknown or unloaded conversation, a
-    non-member, a batch not staging) -- so that the caller runs the general
+    non-member, an after_seq at or below the conversation's purge point
+    ``c.purged``, a batch not staging) -- so that the caller runs the general
     path, which gives the answer.
 
     ``dedupe_db`` is the ``dedupe`` sub-database (read with
@@ -297,7 +298,8 @@ def store_plain_message(
     ck = info[0]
     hot = w.hot  # type: ignore[attr-defined]
     c = hot.convs.get(ck)
-    if c is None or sender not in c.member_set or not c.flagged or c.heads_gen != hot.heads_gen:
+    if (c is None or sender not in c.member_set or not c.flagged or c.heads_gen != hot.heads_gen
+            or (after and after <= c.purged)):  # (a purged group's history: the general path refuses it)
         return None
     last = hot.seqs.get(ck)
     if last is None:
@@ -409,13 +411,13 @@ def store_plain_run(
             if c is None or not c.flagged or c.heads_gen != heads_gen:
                 break
             last_conv, last_ck, last_c = conv, ck, c
-        if sender not in c.member_set:
-            break
+        after = op.after_seq
+        if sender not in c.member_set or (after and after <= c.purged):
+            break  # (after_seq at or below a group's purge point: the general path refuses it)
         last = seqs.get(ck)
         if last is None:
             break
         seq = last + 1
-        after = op.after_seq
         after_seq = after if after < seq else last
         if ids_ck is not ck or ids_dk is not dk:
             last_ids, ids_ck, ids_dk = record_ids(ck, dk), ck, dk

@@ -1416,16 +1416,20 @@ class _Conv:
     same order, ``member_set`` for the membership checks.  ``flagged``: every
     member's ``userconvs`` entry is known to carry the has-messages flag.
     ``heads_gen``: the :attr:`_Hot.heads_gen` in which the inbox heads of all
-    members were loaded into the cache (-1: not loaded)."""
+    members were loaded into the cache (-1: not loaded).  ``purged``: a
+    group's purge point (the last seq of its latest purge; 0 for a 1:1
+    chat, whose sends are not checked against it): a send whose after_seq
+    is at or below it is refused (base.NewMessage, PURGED)."""
 
-    __slots__ = ("users", "uks", "member_set", "flagged", "heads_gen")
+    __slots__ = ("users", "uks", "member_set", "flagged", "heads_gen", "purged")
 
-    def __init__(self, users: tuple[str, ...], uks: tuple[bytes, ...]) -> None:
+    def __init__(self, users: tuple[str, ...], uks: tuple[bytes, ...], purged: int = 0) -> None:
         self.users = users
         self.uks = uks
         self.member_set = frozenset(users)
         self.flagged = False
         self.heads_gen = -1
+        self.purged = purged
 
 
 class _Hot:
@@ -2908,7 +2912,7 @@ class LmdbStore(Store):
         n = len(ck)
         # A members key is T(group) T(user): its tail is the user's key.
         found = sorted((key[n + 1 :].decode("ascii"), key[n:]) for key, _ in self._scan(txn, self._members, ck))
-        return _Conv(tuple(user for user, _ in found), tuple(uk for _, uk in found))
+        return _Conv(tuple(user for user, _ in found), tuple(uk for _, uk in found), self._purge_point_in(txn, ck))
 
     def _last_seq(self, txn: _Txn, ck: bytes) -> int:
         raw = txn.get(ck, db=self._convs)
@@ -3385,6 +3389,8 @@ class LmdbStore(Store):
                 return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         if op.sender not in conv.member_set and op.sender != SYSTEM:  # the system may post anywhere
             return Rejected(ErrorCode.NOT_MEMBER)
+        if 0 < op.after_seq <= conv.purged:
+            return Rejected(ErrorCode.PURGED)  # (answers a purged group's history: base.NewMessage)
         # Inside the write transaction nobody else can take this seq: the
         # conversation stays gap-free and strictly increasing.  (w.last_seq
         # and w.set_last_seq written out.)

@@ -315,6 +315,8 @@ class MemoryStore(Store):
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         if op.sender not in members and op.sender != SYSTEM:  # the system may post anywhere
             return Rejected(ErrorCode.NOT_MEMBER)
+        if 0 < op.after_seq <= self._purged.get(op.conv, 0) and direct_members(op.conv) is None:
+            return Rejected(ErrorCode.PURGED)  # (answers a purged group's history: base.NewMessage)
         if op.msg_id in self._msgs:
             return Rejected(ErrorCode.INTERNAL)
 

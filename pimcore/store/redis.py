@@ -1156,6 +1156,9 @@ class RedisStore(AsyncStore):
             return Rejected(ErrorCode.UNKNOWN_CONVERSATION)
         if op.sender not in members and op.sender != SYSTEM:
             return Rejected(ErrorCode.NOT_MEMBER)
+        if (0 < op.after_seq and direct_members(op.conv) is None
+                and op.after_seq <= _int(await tx.get(self._k_conv(op.conv), "pp"))):
+            return Rejected(ErrorCode.PURGED)  # (answers a purged group's history: base.NewMessage)
         if await tx.get(self._k_msg(op.msg_id), "r") is not None:
             return Rejected(ErrorCode.INTERNAL)
         seq = _int(await tx.get(self._k_conv(op.conv), "last")) + 1

@@ -175,7 +175,8 @@ return false
 # KEYS: conv, outbox. ARGV: msghex, sender, direct, blob, after_seq, server_time,
 # system, direct members, event flag, replay (finishing a claim: the msg id may be stored).
 # -> {seq, members, after_seq, server_time, replayed} or {code}: -1 unknown
-# group, -2 not a member, -3 msg id taken
+# group, -2 not a member, -3 msg id taken, -4 after_seq at or below the
+# group's purge point ('pp': base.NewMessage, PURGED)
 SEND = _LIB + """
 local c = KEYS[1]
 local mem
@@ -199,8 +200,10 @@ end
 if ARGV[2] ~= ARGV[7] and not string.find('\\n' .. mem .. '\\n', '\\n' .. ARGV[2] .. '\\n', 1, true) then
   return {-2}
 end
+local a = tonumber(ARGV[5])
+if ARGV[3] ~= '1' and a > 0 and a <= N(redis.call('HGET', c, 'pp')) then return {-4} end
 local seq = N(redis.call('HGET', c, 'last')) + 1
-local after = math.min(tonumber(ARGV[5]), seq - 1)
+local after = math.min(a, seq - 1)
 local b = ARGV[4]
 b = string.sub(b, 1, 16) .. struct.pack('>I8', seq) .. string.sub(b, 25, 48) .. struct.pack('>I8', after) .. string.sub(b, 57)
 redis.call('HSET', c, 'last', S(seq), 's:' .. S(seq), b, 'm:' .. ARGV[1], S(seq))
@@ -1216,8 +1219,8 @@ class ClusterOps:
         for (i, op, msg_id, st), ans in zip(todo, answers):
             code = int(ans[0])
             if code < 0:
-                results[i] = Rejected({-1: ErrorCode.UNKNOWN_CONVERSATION, -2: ErrorCode.NOT_MEMBER}.get(
-                    code, ErrorCode.INTERNAL))
+                results[i] = Rejected({-1: ErrorCode.UNKNOWN_CONVERSATION, -2: ErrorCode.NOT_MEMBER,
+                                       -4: ErrorCode.PURGED}.get(code, ErrorCode.INTERNAL))
                 undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
                 continue
             seq, mem, after, st, replayed = code, ans[1].decode(), int(ans[2]), int(ans[3]), bool(ans[4])

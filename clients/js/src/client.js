@@ -114,7 +114,7 @@ export class RequestTimeout extends Error {
 const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATION, ErrorCode.NOT_MEMBER,
   ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.DUPLICATE_CONFLICT, ErrorCode.REJECTED,
   ErrorCode.NO_SUCH_MESSAGE, ErrorCode.NOT_SENDER, ErrorCode.TOO_LATE, ErrorCode.RECALLED, ErrorCode.BAD_ACTION,
-  ErrorCode.TOO_MANY_MENTIONS, ErrorCode.BAD_MENTION]);
+  ErrorCode.TOO_MANY_MENTIONS, ErrorCode.BAD_MENTION, ErrorCode.PURGED]);
 const AMEND_KINDS = new Set([MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE]);
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
@@ -242,6 +242,10 @@ function refusalReason(code, conv, user) {
   if (code === ErrorCode.BAD_REQUEST) {
     const problem = conv == null ? null : conversationProblem(conv);
     return problem ? `invalid conversation id: ${problem}` : '';
+  }
+  if (code === ErrorCode.PURGED && typeof conv === 'string') {
+    return `group ${showValue(conv)} was purged after this message was written: it answers deleted history and was not `
+      + 'stored (the group may have been created again with other members)';
   }
   if (typeof conv !== 'string' || (code !== ErrorCode.NOT_MEMBER && code !== ErrorCode.UNKNOWN_CONVERSATION)) return '';
   const pair = directMembers(conv);
@@ -1390,6 +1394,7 @@ export class PimcoreClient {
         // Its unconfirmed marker too (sent again at every reconnect, it landed in a group created again with the id);
         // and it is said, with the last seq this client knew (a trial: an app that stores messages had no word of it).
         this._wanted.delete(conv);
+        if (!directMembers(conv)) this._seen.delete(conv); // (a group's next send answers nothing of it: _onConvPurged)
         this._purgeTold.set(conv, Math.max(this._purgeTold.get(conv) || 0, last));
         this._emit('purged', { conv, last_seq: last, gone: !directMembers(conv) });
       }
@@ -1403,7 +1408,13 @@ export class PimcoreClient {
   // again, the login's ReadStates bring its new one).  A 1:1 chat keeps its read state.
   _onConvPurged(f) {
     const conv = f.conv, upto = f.last_seq; // (a number, or a bigint past 2**53: compared as either)
-    if (!directMembers(conv)) { this._readStates.delete(conv); this._counted.delete(conv); }
+    if (!directMembers(conv)) {
+      this._readStates.delete(conv); this._counted.delete(conv);
+      // Its seqs seen too: a send whose after_seq is at or below the purge point is refused (PURGED: it would answer
+      // deleted history); sends written before this keep theirs.
+      const seen = this._seen.get(conv);
+      if (seen !== undefined && !(seen > upto)) this._seen.delete(conv);
+    }
     const v = this._views.get(conv);
     if (v) {
       for (const [k, x] of [...v]) if (x.seq <= upto) v.delete(k);

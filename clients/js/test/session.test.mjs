@@ -362,6 +362,30 @@ test('a purge told (ConvPurged, online or at a login) drops what the client hold
   await d.close();
 });
 
+test("a group purge forgets the seqs seen: the next send answers nothing purged; one written before is refused (PURGED)", async () => {
+  // A send whose after_seq is at or below a group's purge point is refused (written while the client showed the
+  // old group, it would go to the members of a group created again with the id: a new user's trial).
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  const m = (pos, conv, seq) => ({ position: pos, msg_id: Uint8Array.of(pos), conv, seq, sender: 'v', device: 'x', client_time: 1,
+    server_time: pos, payload: new Uint8Array(0), kind: 0, local_id: pos, after_seq: 0, target: 0, edited: 0, recalled: false,
+    deleted: false, mentions: [], mention_all: false });
+  ws.deliver(frame('Push', { position: 3, messages: [m(1, 'team', 1), m(2, 'team', 2), m(3, 'd:u:v', 1)] }));
+  await sleep(5);
+  const early = c.send('team', 'written before');
+  await sleep(5);
+  ws.deliver(frame('ConvPurged', { conv: 'team', last_seq: 2, gone: true }), frame('ConvPurged', { conv: 'd:u:v', last_seq: 1, gone: false }));
+  await sleep(5);
+  c.send('team', 'after').catch(() => {});
+  c.send('d:u:v', '1:1 goes on').catch(() => {});
+  await sleep(5);
+  assert.deepEqual(ws.of('SendReq').map((r) => [r.conv, Number(r.after_seq)]), [['team', 2], ['team', 0], ['d:u:v', 1]]);
+  const req = ws.of('SendReq')[0];
+  ws.deliver(frame('SendAck', { local_id: req.local_id, code: ErrorCode.PURGED, msg_id: new Uint8Array(0), seq: 0, server_time: 0 }));
+  await assert.rejects(early, (e) => e instanceof SendError && e.code === ErrorCode.PURGED && /group 'team' was purged after this message was written/.test(e.message));
+  await c.close();
+});
+
 test('an unknown option is refused by the constructor, naming it (a typo was ignored)', () => {
   // A new user's trial: { connectTimout: 500 } was taken silently, and connect() waited the default 10 s.
   assert.throws(() => make({ connectTimout: 500 }), (e) => e instanceof TypeError && /unknown option connectTimout/.test(e.message) && /connectTimeout/.test(e.message));
