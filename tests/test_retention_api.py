@@ -960,3 +960,52 @@ async def test_set_retention_arguments_of_the_wrong_type_are_type_errors_and_its
             with pytest.raises(RequestRefused) as refused:
                 await im.set_retention(AB, max_age=59_999_999)
             assert "(59.999999 s)" in str(refused.value)
+
+
+async def test_a_send_queued_before_a_purge_does_not_reach_a_group_created_again(tmp_path: Path) -> None:
+    # A new user's trial (HIGH): bob wrote to a group while his link was
+    # down; the host purged the group and created it again with the id,
+    # with carol instead of alice; when bob's link came back his message
+    # went out -- to carol, who never saw what it answered.  It answers a
+    # purged seq (after_seq 3): SendError(PURGED), nothing stored.  His
+    # next message says after_seq 0 and reaches carol.
+    from pimcore.client import SendError
+    from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
+
+    from _proc import free_port
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
+            port = int(im.urls[0].rsplit(":", 1)[1])
+            await im.create_group("team", ["alice", "bob"])
+            async with open_chaos_proxy("127.0.0.1", port, ChaosConfig()) as proxy, open_client(
+                f"tcp://127.0.0.1:{proxy.port}", im.issue_token("bob"), "phone", config=FAST_CLIENT
+            ) as bob:
+                for i in range(3):
+                    await im.post("team", b"old%d" % i, sender="alice", device="web")
+                assert len(await take(bob, 3)) == 3
+                proxy.target_port = free_port()  # (the link goes down)
+                proxy.reset_all()
+                outcome: list[object] = []
+
+                async def write_stale() -> None:
+                    try:
+                        outcome.append(await bob.send("team", b"stale reply"))
+                    except SendError as exc:
+                        outcome.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_stale)
+                    await trio.sleep(0.2)
+                    await im.purge_conversation("team")
+                    await im.create_group("team", ["bob", "carol"])
+                    proxy.target_port = port
+                [refused] = outcome
+                assert isinstance(refused, SendError) and refused.code is ErrorCode.PURGED
+                assert "was purged after this message was written" in str(refused)
+                assert await im.history("team", "carol") == []
+                sent = await bob.send("team", b"fresh")
+                assert sent.seq == 4
+            async with open_client(im.urls[0], im.issue_token("carol"), "phone", config=FAST_CLIENT) as carol:
+                got = await take(carol, 1)
+                assert [m.payload for m in got] == [b"fresh"]
