@@ -133,6 +133,13 @@ class JwtAuthenticator:
             raise AuthError("token issue time is not a number")
         # A token without iat counts as issued at 0: any revocation ends it.
         issued_at = _token_us(iat, "token issue time", rounded=True) if iat is not None else 0
+        if issued_at > now + self._leeway:
+            # Revocations and purges refuse tokens issued up to their time:
+            # one stamped later by an issuer whose clock runs ahead would
+            # survive them (a new user's trial), as RFC 7519 lets a
+            # recipient refuse (PyJWT: ImmatureSignatureError).
+            raise AuthError(f"token was issued in the future: its iat is {_seconds(issued_at - now)} s ahead of the"
+                            f" broker's clock (leeway {_seconds(self._leeway)} s); the issuer's clock is ahead")
         return Identity(user, device, expires=expires, issued_at=issued_at)
 
 
@@ -158,6 +165,11 @@ def _not_a_jwt(token: Union[bytes, str], exc: Exception) -> str:
     except jwt.InvalidTokenError:
         return f"{what}its three parts are not a JWT's (base64url JSON header, claims, signature){issued}"
     return f"{what}its parts are not a JWT's{issued}: {exc}"
+
+
+def _seconds(us: int) -> str:
+    """µs as whole seconds, or with the fraction that is there ("1.5")."""
+    return str(us // 1_000_000) if us % 1_000_000 == 0 else f"{us / 1_000_000:g}"
 
 
 def _token_us(seconds: Union[int, float], what: str, *, rounded: bool = False) -> int:

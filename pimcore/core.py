@@ -2364,14 +2364,20 @@ class Broker:
     def purge_user(self, user: str, now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: delete all data of ``user`` (:class:`PurgeUser`;
         idempotent): the user's live sessions end now with Close(KICKED),
-        tokens issued before ``now`` are refused from now on (durably: the
-        purge revokes them), the user leaves every group (LEFT entries,
+        tokens issued before ``now``, and those of the live sessions whatever
+        their issue time (:meth:`revoke`), are refused from now on (durably:
+        the purge revokes them), the user leaves every group (LEFT entries,
         pushed like messages), their messages become tombstones.
         :class:`AdminDone` with ``ref`` carries Purged or Rejected."""
         out: list[Command] = []
         if valid_id(user):
             key = (user, "")
-            self._revoked[key] = max(self._revoked.get(key, 0), now)
+            # (The live sessions' tokens too, whatever their iat says:
+            # revoke.  The purge's own bound is now, its LEFT entries' time.)
+            bound = max(now, self._live_issued(user, None) + 1)
+            self._revoked[key] = max(self._revoked.get(key, 0), bound)
+            if bound > now:
+                self._propose(RevokeTokens(user, "", bound), None)
             for c in list(self._conns.values()):
                 if c.state is _ConnState.ACTIVE and c.user == user:
                     self._stats["kicks"] += 1
@@ -2397,18 +2403,31 @@ class Broker:
         if self.config.record_events:
             self._lazy_events.append(event_data(type_, **fields))
 
-    def revoke(self, user: str, device: Optional[str], before: int, now: int, *, ref: int = 0) -> list[Command]:
+    def revoke(self, user: str, device: Optional[str], before: Optional[int], now: int, *, ref: int = 0) -> list[Command]:
         """Control plane: refuse ``user``'s tokens issued before ``before``
-        (µs; all its devices, or only ``device``) from now on, durably
+        (µs; None: ``now``; all its devices, or only ``device``) from now on, durably
         (:class:`RevokeTokens`), and end the live sessions that used one
-        (``Close(TOKEN_REVOKED)``) at once.  :class:`AdminDone` with ``ref``
-        carries the store's answer (Revoked, or Rejected).  Rejected
+        (``Close(TOKEN_REVOKED)``) at once.  A ``before`` at or after ``now``
+        is raised above the issue time of every live session's token (a
+        token stamped by an issuer whose clock runs ahead, within the
+        authenticator's leeway, was issued before now all the same).
+        :class:`AdminDone` with ``ref`` carries the store's answer
+        (Revoked, with the bound in force, or Rejected).  Rejected
         (BAD_REQUEST) at once, nothing revoked, for an invalid ``user`` or
         ``device`` -- ``""`` among them: it is the store's key for "every
         device", so it revoked them all."""
         if not valid_id(user) or (device is not None and not valid_id(device)):
             return [AdminDone(ref, Rejected(ErrorCode.BAD_REQUEST))]
         key = (user, device or "")
+        if before is None:
+            before = now
+        if before >= now:
+            # Up to now (or later): every live session's token was issued
+            # before now, whatever its iat says -- an issuer whose clock runs
+            # ahead of ours (within the authenticator's leeway) stamps a
+            # later one, and such a token survived (a new user's trial): the
+            # bound covers the live sessions' tokens too.
+            before = max(before, self._live_issued(user, device) + 1)
         # In force at once, before the write is durable: a login that
         # completes meanwhile must not slip through (and the session ends
         # now, not after the next fsync).
@@ -2418,6 +2437,15 @@ class Broker:
         self._propose(RevokeTokens(user, device or "", before), _AdminCtx(ref))
         self._maybe_commit(out, now)
         return out
+
+    def _live_issued(self, user: str, device: Optional[str]) -> int:
+        """The latest issue time (µs) of the tokens ``user``'s live sessions
+        (only ``device``'s if given) logged in with; -1 with none."""
+        latest = -1
+        for c in self._conns.values():
+            if c.state is _ConnState.ACTIVE and c.user == user and (device is None or c.device == device):
+                latest = max(latest, c.issued_at)
+        return latest
 
     def _close_revoked(self, user: str, device: Optional[str], before: int, out: list[Command]) -> None:
         for c in list(self._conns.values()):

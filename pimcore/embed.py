@@ -809,7 +809,9 @@ class Pimcore:
         said = "*" if device is None else device
         _log.info("revoke user=%s device=%s before=%d", user, said, when,
                   extra={"event": "revoke", "user": user, "device": said, "before": when})
-        result = await self.server.host_call(self.server.broker.revoke, user, device, when)
+        # (None: up to the core's now, which covers the live sessions' tokens
+        # whatever their iat says -- Broker.revoke.)
+        result = await self.server.host_call(self.server.broker.revoke, user, device, before)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise StoreError("revocation not stored: the store failed")

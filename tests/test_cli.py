@@ -20,6 +20,13 @@ from _harness import Harness
 AB = direct_conversation("alice", "bob")
 
 
+def _now_us() -> int:
+    """The broker's clock as an authenticator is given it (µs since 1970)."""
+    import time
+
+    return int(time.time() * 1_000_000)
+
+
 def test_info_reports_the_active_backend(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -97,11 +104,11 @@ def test_token_with_create_secret_says_what_it_did_and_the_broker_accepts_it(tmp
     out, err = capsys.readouterr()
     assert "created a new token secret" in err and str(data / "secret") in err
     secret = load_or_create_secret(data)  # what `pimcore serve --data-dir data` will use
-    assert JwtAuthenticator(secret)(out.strip().encode(), 0).user == "alice"
+    assert JwtAuthenticator(secret)(out.strip().encode(), _now_us()).user == "alice"
     # Once it exists, no flag is needed and nothing is said.
     assert main(["token", "--user", "bob", "--data-dir", str(data)]) == 0
     out, err = capsys.readouterr()
-    assert err == "" and JwtAuthenticator(secret)(out.strip().encode(), 0).user == "bob"
+    assert err == "" and JwtAuthenticator(secret)(out.strip().encode(), _now_us()).user == "bob"
 
 
 def test_token_uses_the_secret_of_a_broker_that_ran(tmp_path, monkeypatch, capsys):
@@ -111,12 +118,12 @@ def test_token_uses_the_secret_of_a_broker_that_ran(tmp_path, monkeypatch, capsy
     monkeypatch.delenv("PIMCORE_SECRET", raising=False)
     secret = load_or_create_secret(tmp_path / "pimcore-data")  # as `pimcore serve` does on first start
     assert main(["token", "--user", "alice", "--device", "d" * 64]) == 0
-    ident = JwtAuthenticator(secret)(capsys.readouterr().out.strip().encode(), 0)
+    ident = JwtAuthenticator(secret)(capsys.readouterr().out.strip().encode(), _now_us())
     assert (ident.user, ident.device) == ("alice", "d" * 64)
     monkeypatch.setenv("PIMCORE_SECRET", "e" * 32)  # an explicit secret needs no data directory
     monkeypatch.chdir(tmp_path / "pimcore-data")
     assert main(["token", "--user", "a" * 64]) == 0
-    assert JwtAuthenticator(b"e" * 32)(capsys.readouterr().out.strip().encode(), 0).user == "a" * 64
+    assert JwtAuthenticator(b"e" * 32)(capsys.readouterr().out.strip().encode(), _now_us()).user == "a" * 64
     assert not (tmp_path / "pimcore-data" / "pimcore-data").exists()
 
 

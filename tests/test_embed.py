@@ -734,3 +734,34 @@ async def test_a_call_after_shutdown_says_stopped_in_words_every_host_shares(tmp
     said = str(stopped.value)
     assert said.startswith("the broker has stopped"), said
     assert "open_pimcore" not in said and "close()" not in said, said
+
+
+async def test_a_token_from_a_clock_ahead_is_revoked_with_its_session_and_one_too_far_ahead_is_refused(tmp_path: Path) -> None:
+    # A new user's trial (HIGH): a backend whose clock ran 5 minutes fast
+    # minted a token that logged in, then survived revoke() and
+    # purge_user() -- its session stayed online and it logged in again.
+    import time
+
+    from pimcore.auth import issue_token
+
+    with trio.fail_after(20):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], secret="s" * 32) as im:
+            far = issue_token("s" * 32, "alice", now=time.time() + 300)
+            with pytest.raises(AuthFailed, match="issued in the future"):
+                async with open_client(im.urls[0], far, "phone"):
+                    pass  # pragma: no cover
+            near = issue_token("s" * 32, "alice", now=time.time() + 20)  # (within the 30 s leeway)
+            async with open_client(im.urls[0], near, "phone") as alice:
+                assert await im.revoke("alice") > int(time.time() * 1e6) + 10_000_000  # (the bound covers its iat)
+                with pytest.raises(AuthFailed, match="revoked"):
+                    await alice.send(AB, b"still here?")
+            with pytest.raises(AuthFailed):
+                async with open_client(im.urls[0], near, "phone"):
+                    pass  # pragma: no cover
+            bob = issue_token("s" * 32, "bob", now=time.time() + 20)
+            async with open_client(im.urls[0], bob, "phone") as client:
+                await client.send(AB, b"hi")
+                await im.purge_user("bob")
+            with pytest.raises(AuthFailed):
+                async with open_client(im.urls[0], bob, "phone"):
+                    pass  # pragma: no cover

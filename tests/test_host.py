@@ -164,3 +164,38 @@ def test_a_login_racing_a_revocation_is_refused(h):
 def test_a_malformed_revocation_is_refused_by_the_store(h):
     res = h.revoke("bad user!", None, 10)
     assert isinstance(res, Rejected) and res.code is ErrorCode.BAD_REQUEST
+
+
+def test_revoking_until_now_ends_every_live_session_whatever_its_token_says_of_its_issue(h):
+    # A new user's trial (HIGH): a token from an issuer whose clock runs
+    # ahead of the broker's (its iat after the broker's now, within the
+    # authenticator's leeway) survived revoke(): its session stayed online
+    # and the token logged in again.  A live session's token was issued
+    # before now, whatever its iat says: a revocation up to now (or
+    # later) ends it, and its bound covers that iat.
+    ahead = h.now + 20_000_000
+    phone = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
+    laptop = h.login("alice", "laptop", token=b"issued:%d:alice" % (h.now - 5))
+    res = h.revoke("alice", None, h.now)
+    assert isinstance(res, Revoked) and res.before == ahead + 1
+    assert h.closed[phone].code is CloseCode.TOKEN_REVOKED and h.closed[laptop].code is CloseCode.TOKEN_REVOKED
+    again = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
+    assert h.closed[again].code is CloseCode.TOKEN_REVOKED
+    # A token issued after that is taken.
+    fresh = h.login("alice", "phone", token=b"issued:%d:alice" % (ahead + 2))
+    assert fresh not in h.closed
+    # A bound in the past is the host's choice: sessions of later tokens stay.
+    tablet = h.login("bob", "tablet", token=b"issued:%d:bob" % ahead)
+    assert h.revoke("bob", None, h.now - 1_000_000) == Revoked("bob", "", h.now - 1_000_000)
+    assert tablet not in h.closed
+
+
+def test_purging_a_user_refuses_the_tokens_of_their_live_sessions_whatever_their_issue_time(h):
+    # The same trial: after purge_user, the token of a session it ended
+    # (its iat ahead of the broker's now) logged in again as the purged user.
+    ahead = h.now + 20_000_000
+    phone = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
+    h.host_call(h.broker.purge_user, "alice")
+    assert h.closed[phone].code is CloseCode.KICKED
+    again = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
+    assert h.closed[again].code is CloseCode.TOKEN_REVOKED

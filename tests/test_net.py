@@ -1025,6 +1025,26 @@ def test_token_times_in_range_still_become_64_bit_us():
     assert ident.issued_at == -far * 1_000_000
 
 
+def test_a_token_issued_in_the_future_beyond_the_leeway_is_refused_in_words():
+    # A new user's trial (HIGH): a token whose iat was 5 minutes ahead of
+    # the broker's clock (an issuer whose clock runs fast) logged in, and
+    # then survived revoke() and purge_user(), which refuse tokens issued
+    # up to now; one 11 days ahead logged in too.  Beyond the leeway (as
+    # for exp) it is refused, naming the issuer's clock.
+    from pimcore.errors import AuthError
+
+    now = int(time.time())
+    auth = JwtAuthenticator(SECRET)  # (leeway 30 s)
+    assert auth(_timed_token("iat", now + 29).encode(), now * 1_000_000).issued_at == (now + 29) * 1_000_000
+    for ahead in (31, 300, 11 * 86_400):
+        with pytest.raises(AuthError) as err:
+            auth(_timed_token("iat", now + ahead).encode(), now * 1_000_000)
+        assert str(err.value) == (f"token was issued in the future: its iat is {ahead} s ahead of the broker's clock"
+                                  " (leeway 30 s); the issuer's clock is ahead"), str(err.value)
+    with pytest.raises(AuthError, match="issued in the future"):
+        JwtAuthenticator(SECRET, leeway=0)(_timed_token("iat", now + 1).encode(), now * 1_000_000)
+
+
 @pytest.mark.parametrize("leeway", [float("nan"), float("inf"), -1.0, 1e300])
 def test_an_authenticator_leeway_out_of_range_is_refused(leeway):
     with pytest.raises(ValueError, match="leeway"):
