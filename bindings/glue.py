@@ -130,6 +130,28 @@ def _pim_glue_main(ffi, lib):
         except UnicodeDecodeError:
             raise ValueError("%s is not UTF-8" % what) from None
 
+    def _lone_surrogate(value, at):
+        """Where in the JSON ``value`` a string holds a lone surrogate (a
+        key or a value: "data_dir", "listen[1]"), None if none does."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return at or "the document"
+            return None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = "%s.%s" % (at, key) if at else str(key)
+                found = _lone_surrogate(key, name + " (its key)") or _lone_surrogate(item, name)
+                if found is not None:
+                    return found
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                found = _lone_surrogate(item, "%s[%d]" % (at, i))
+                if found is not None:
+                    return found
+        return None
+
     def broker(bid):
         im = brokers.get(bid)
         if im is None:
@@ -149,6 +171,9 @@ def _pim_glue_main(ffi, lib):
             raise ConfigError("config_json is nested too deeply") from None
         if not isinstance(doc, dict):
             raise ConfigError("config_json: expected a JSON object")
+        where = _lone_surrogate(doc, "")
+        if where is not None:  # (JSON's "\\ud800" escapes: no UTF-8 for them, no path or id either)
+            raise ConfigError("config_json: %s is not valid Unicode (a lone surrogate escape such as \\ud800)" % where)
         im = open_pimcore_thread(document=doc, name="pimcore-broker")
         with registry_lock:
             bid = next(ids)

@@ -195,7 +195,11 @@ def create_app(*, data_dir: str, listen: Sequence[str], push_sender: Optional[Pu
         if body.sender is not None:  # as a member's device; else as the system
             kw.update(sender=body.sender, device=body.device)
         try:
-            posted = await handle().post(conv, body.text.encode(), **kw)
+            payload = body.text.encode()
+        except UnicodeEncodeError:  # (JSON may carry a lone surrogate, "\ud800": no UTF-8 for it)
+            raise HTTPException(400, "text is not valid Unicode (a lone surrogate)") from None
+        try:
+            posted = await handle().post(conv, payload, **kw)
         except pim.RequestRefused as exc:
             raise refused(exc) from None
         return {"conv": posted.conv, "seq": posted.seq, "msg_id": posted.msg_id.hex(), "duplicate": posted.duplicate}
@@ -218,11 +222,17 @@ def create_app(*, data_dir: str, listen: Sequence[str], push_sender: Optional[Pu
 
     @app.get("/users/{user}/devices")
     async def devices(user: str) -> dict[str, Any]:
-        return {"user": user, "online": handle().online_devices(user)}
+        try:
+            return {"user": user, "online": handle().online_devices(user)}
+        except pim.RequestRefused as exc:  # (an invalid user id: BAD_REQUEST)
+            raise refused(exc) from None
 
     @app.get("/users/{user}/unread")
     async def unread(user: str) -> dict[str, Any]:
-        return {"user": user, "unread": await handle().unread(user)}
+        try:
+            return {"user": user, "unread": await handle().unread(user)}
+        except pim.RequestRefused as exc:
+            raise refused(exc) from None
 
     return app
 

@@ -539,7 +539,7 @@ class Pimcore:
         result = await self.server.admin_result(method, conv, users)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"group {_show(conv)} not changed: the store failed")
+                raise _store_failed(f"group {_show(conv)}", self.server.store_failure_cause(), "not changed")
             why = _why(result.code, users=users, group=conv)
             if not why and result.code is ErrorCode.BAD_REQUEST and bad_request:
                 why = f": {bad_request}"
@@ -593,7 +593,7 @@ class Pimcore:
             mentions=ms, mention_all=mention_all,
         )
         result = _posted(conv, done, sender, device, idempotency_key, size=self._size(payload),
-                         mentions=self._mentions_said(ms))
+                         mentions=self._mentions_said(ms), cause=self.server.store_failure_cause())
         if isinstance(result, PimError):
             raise result
         return result
@@ -657,7 +657,8 @@ class Pimcore:
         done = await self.server.host_call(
             self.server.broker.amend, conv, seq, action, payload=payload, sender=sender, device=device, key=key
         )
-        result = _posted(conv, done, sender, device, key, what, size=self._size(payload) if payload is not None else "")
+        result = _posted(conv, done, sender, device, key, what, size=self._size(payload) if payload is not None else "",
+                         cause=self.server.store_failure_cause())
         if isinstance(result, PimError):
             raise result
         return result
@@ -749,7 +750,8 @@ class Pimcore:
                 results[i] = RequestRefused(ErrorCode.INTERNAL, f"post to {_show(calls[i][1][0])} failed in the broker: {d}")
             else:
                 results[i] = _posted(calls[i][1][0], d, kw["sender"], kw["device"], kw["key"], size=self._size(calls[i][1][1]),
-                                     mentions=self._mentions_said(kw.get("mentions", ())))
+                                     mentions=self._mentions_said(kw.get("mentions", ())),
+                                     cause=self.server.store_failure_cause())
         return results  # type: ignore[return-value]
 
     def _size(self, payload: Any) -> str:
@@ -814,7 +816,7 @@ class Pimcore:
         result = await self.server.host_call(self.server.broker.revoke, user, device, before)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError("revocation not stored: the store failed")
+                raise _store_failed("revocation", self.server.store_failure_cause())
             why = _why(result.code, users=(user,))
             if not why and result.code is ErrorCode.BAD_REQUEST and device is not None:
                 problem = id_problem(device, "device")
@@ -867,7 +869,7 @@ class Pimcore:
         result = await self.server.host_call(self.server.broker.set_retention, conv, *limits)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"retention of {_show(conv)} not stored: the store failed")
+                raise _store_failed(f"retention of {_show(conv)}", self.server.store_failure_cause())
             raise RequestRefused(result.code, f"retention of {_show(conv)}: {result.code.name}")
         return await self.retention(conv)
 
@@ -917,7 +919,7 @@ class Pimcore:
     def _purged(result: Any, what: str) -> Purged:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"purge of {what} not done: the store failed")
+                raise _store_failed(f"purge of {what}", self.server.store_failure_cause(), "not done")
             raise RequestRefused(result.code, f"purge of {what}: {result.code.name}")
         assert isinstance(result, Purged)
         return result
@@ -979,7 +981,7 @@ class Pimcore:
         result = await self.server.host_call(self.server.broker.set_presence_privacy, user, hide_last_seen)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError("presence setting not stored: the store failed")
+                raise _store_failed("presence setting", self.server.store_failure_cause())
             raise RequestRefused(result.code, f"presence privacy of {_show(user)}: {result.code.name}")
         assert isinstance(result, PresencePrivacySet)
         return result.hide_last_seen
@@ -1043,7 +1045,7 @@ class Pimcore:
         )
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError(f"settings of {_show(conv)} for {_show(user)} not changed: the store failed")
+                raise _store_failed(f"settings of {_show(conv)} for {_show(user)}", self.server.store_failure_cause(), "not changed")
             raise RequestRefused(result.code, f"settings of {_show(conv)} for {_show(user)}: {result.code.name}")
         assert isinstance(result, ConversationSet)
         return result.entry
@@ -1232,7 +1234,7 @@ class Pimcore:
         result = await self.server.host_call(self.server.broker.ack_events, consumer, upto)
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
-                raise StoreError("event ack not stored: the store failed")
+                raise _store_failed("event ack", self.server.store_failure_cause())
             raise RequestRefused(result.code, f"ack_events {_show(consumer)}: {result.code.name}")
         assert isinstance(result, EventsAcked)
         return result.cursor
@@ -1408,15 +1410,25 @@ def _check_seq(seq: Any) -> None:
         raise ValueError(f"seq must be in 1..2**64-1, not {seq}")
 
 
+def _store_failed(what: str, cause: Optional[str], outcome: str = "not stored") -> StoreError:
+    """The handle's StoreError for ``what`` (``outcome``: "not stored"),
+    with the store's ``cause`` in words when it said one
+    (BrokerServer.store_failure_cause: "the store's map is full ...", as
+    the HTTP API's 503 says it)."""
+    return StoreError(f"{what} {outcome}: the store failed" + (f": {cause}" if cause else ""), cause=cause)
+
+
 def _posted(conv: str, done: Any, sender: str = SYSTEM, device: str = SYSTEM,
-            key: Union[str, bytes, None] = None, what: str = "", size: str = "", mentions: str = "") -> Union[Posted, PimError]:
+            key: Union[str, bytes, None] = None, what: str = "", size: str = "", mentions: str = "",
+            cause: Optional[str] = None) -> Union[Posted, PimError]:
     """A PostDone as the handle answers it; ``what`` names the call in
     errors (default ``post to 'conv'``; ``recall in 'conv'`` ...);
     ``size``: the payload's size against the limit, said for
-    PAYLOAD_TOO_LARGE; ``mentions``: theirs, for TOO_MANY_MENTIONS."""
+    PAYLOAD_TOO_LARGE; ``mentions``: theirs, for TOO_MANY_MENTIONS;
+    ``cause``: the store's failure in words, said for STORE_UNAVAILABLE."""
     what = what or f"post to {_show(conv)}"
     if done.code is ErrorCode.STORE_UNAVAILABLE:
-        return StoreError(f"{what} not stored: the store failed")
+        return _store_failed(what, cause)
     if done.code is not ErrorCode.OK:
         why = _post_problem(conv, sender, device, key) if done.code is ErrorCode.BAD_REQUEST else None
         if done.code is ErrorCode.PAYLOAD_TOO_LARGE and size:

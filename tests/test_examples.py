@@ -133,6 +133,13 @@ def test_the_fastapi_example_posts_mints_tokens_and_forwards_pushes(tmp_path: Pa
                 r = await web.post("/conversations/team/messages", json={"text": "x", "sender": "mallory"})
                 assert r.status_code == 403 and r.json()["detail"] == "NOT_MEMBER"
                 assert (await web.post("/conversations/nope/messages", json={"text": "x"})).status_code == 404
+                # Bad input is a 4xx, never a 500 (a new user's trial).
+                for bad in ("/users/bad%20user/unread", "/users/bad%20user/devices"):
+                    r = await web.get(bad)
+                    assert (r.status_code, r.json()["detail"]) == (400, "BAD_REQUEST"), bad
+                r = await web.post("/conversations/team/messages", content=b'{"text": "\\ud800"}',
+                                   headers={"content-type": "application/json"})
+                assert r.status_code == 400 and "lone surrogate" in r.json()["detail"]
 
                 im = app.state.im
                 while True:  # the forwarder acks each event after forwarding it

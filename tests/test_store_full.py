@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
+from pimcore.errors import StoreError
 from pimcore.store import wal
 
 from test_command_log import _FailingCommitTxn
@@ -197,12 +198,18 @@ async def test_a_full_map_is_said_in_words_on_the_api_and_readyz(tmp_path: Path)
                 if status != 201:
                     break
             assert_error(status, doc, 503, "STORE_UNAVAILABLE")
-            assert doc["error"]["message"].endswith(
-                ": the store failed: the store's map is full (its ceiling, max_map_size): open the store with a"
-                " larger max_map_size, or purge old messages (retention) to make room"), doc
+            full = ("the store failed: the store's map is full (its ceiling, max_map_size): open the store with a"
+                    " larger max_map_size, or purge old messages (retention) to make room")
+            assert doc["error"]["message"] == "post to 'team' not stored: " + full, doc
             status, doc = await c.json("GET", "/readyz")
             assert_error(status, doc, 503, "UNAVAILABLE")
             assert "the store's map is full" in doc["error"]["message"], doc
+            # The embedding handle says it too (a new user's trial: its
+            # StoreError said only "the store failed").
+            with pytest.raises(StoreError) as failed:
+                await im.post("team", big.encode())
+            assert str(failed.value) == "post to 'team' not stored: " + full
+            assert failed.value.cause is not None and failed.value.cause.startswith("the store's map is full")
     store.close()
 
 

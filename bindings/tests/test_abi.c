@@ -243,6 +243,12 @@ static int run_main(const char *dir, const char *python, const char *test_dir, i
     CHECK_RC(pim_broker_start("{\"durability\": \"sometimes\"}", &b), PIM_ERR_CONFIG);
     CHECK_RC(pim_broker_start("{\"nonsense\": 1}", &b), PIM_ERR_CONFIG);
     CHECK_RC(pim_broker_start("{\"limits\": {\"window\": \"big\"}}", &b), PIM_ERR_CONFIG);
+    /* A JSON escape of a lone surrogate: valid UTF-8 text, no valid string (a trial: PIM_ERR_INVALID and
+     * Python's codec words). */
+    CHECK_RC(pim_broker_start("{\"data_dir\": \"\\ud800\"}", &b), PIM_ERR_CONFIG);
+    CHECK(strstr(pim_last_error(), "data_dir is not valid Unicode") != NULL, "the setting is named: %s", pim_last_error());
+    CHECK_RC(pim_broker_start("{\"listen\": [\"tcp://127.0.0.1:0\", \"\\udfff\"]}", &b), PIM_ERR_CONFIG);
+    CHECK(strstr(pim_last_error(), "listen[1]") != NULL, "the item is named: %s", pim_last_error());
     {   /* JSON nested past the decoder's limit: an options error, not a bug */
         size_t depth = 100000;
         char *deep = (char *)malloc(2 * depth + 1);

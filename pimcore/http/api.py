@@ -408,9 +408,11 @@ def _store_failed(exc: StoreError, cause: Optional[str]) -> str:
     without file system paths ("no space left on the data directory's file
     system: free space there ..."; StoreError.cause).  An API client is no
     operator: the data directory's path stays in the log, which names it."""
-    if exc.cause is not None:  # the store's own error: its text names the data directory
-        return f"the store failed: {exc.cause}"
     text = str(exc) or "the store failed"
+    if exc.cause is not None:
+        if text.endswith(": " + exc.cause):  # the handle's words and the cause (embed._store_failed)
+            return text
+        return f"the store failed: {exc.cause}"  # the store's own error: its text names the data directory
     return f"{text}: {cause}" if cause is not None and cause not in text else text
 
 
@@ -593,7 +595,13 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def tokens(request: Request) -> tuple[int, Any]:
         body = _object(request, ("user", "device", "ttl"))
         user = _field(body, "user", str)
-        ttl = _field(body, "ttl", int, 3600)
+        # (Any integer here: its range, 1..MAX_TOKEN_TTL, is said by
+        # issue_token, in one wording for every value.)
+        ttl = body.get("ttl")
+        if ttl is None:
+            ttl = 3600
+        elif not isinstance(ttl, int) or isinstance(ttl, bool):
+            raise _bad("field 'ttl' must be an integer")
         try:
             token = handle.issue_token(user, _field(body, "device", str, None), ttl=ttl)
         except ValueError as exc:
