@@ -566,7 +566,10 @@ class Pimcore:
         allowed in every conversation, shown as the system by clients).
         ``idempotency_key`` (at most 256 bytes) makes retries safe: posts with
         the same sender, device and key are one message (the original's
-        identity comes back), exactly like a client's local id.  Raises
+        identity comes back), exactly like a client's local id: a post with
+        the key's conversation and payload is that message, whatever its
+        mentions (the first post's stand); another conversation or payload
+        is DUPLICATE_CONFLICT.  Raises
         RequestRefused (BAD_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_CONVERSATION,
         NOT_MEMBER, DUPLICATE_CONFLICT), StoreError if the store failed.
 
