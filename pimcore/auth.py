@@ -168,8 +168,10 @@ def _not_a_jwt(token: Union[bytes, str], exc: Exception) -> str:
 
 
 def _seconds(us: int) -> str:
-    """µs as whole seconds, or with the fraction that is there ("1.5")."""
-    return str(us // 1_000_000) if us % 1_000_000 == 0 else f"{us / 1_000_000:g}"
+    """µs as seconds: whole ("300"), or to the µs without trailing zeros
+    ("299.999", "96475000.5")."""
+    whole, frac = divmod(abs(us), 1_000_000)
+    return ("-" if us < 0 else "") + (str(whole) if not frac else f"{whole}.{frac:06d}".rstrip("0"))
 
 
 def _token_us(seconds: Union[int, float], what: str, *, rounded: bool = False) -> int:

@@ -945,7 +945,7 @@ async def test_an_async_store_read_that_hangs_fails_at_read_timeout(autojump_clo
         async with open_broker_server(lat, JwtAuthenticator(SECRET), cfg, clock=lambda: int(trio.current_time() * SECOND)) as srv:
             raw = await RawConn.open(srv.endpoints[0].port)
             t0 = trio.current_time()
-            await raw.send(F.Login(token("alice").encode(), "phone", 0, 0, 0))
+            await raw.send(F.Login(token("alice", now=trio.current_time()).encode(), "phone", 0, 0, 0))  # (the broker's clock)
             close = await raw.until(F.Close)
             assert close.code == CloseCode.INTERNAL
             assert trio.current_time() - t0 == pytest.approx(2.0, abs=0.01)
