@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -190,6 +191,22 @@ async def test_a_device_online_during_a_purge_drops_the_purged_messages(tmp_path
                 assert bob.view(AB) == []
 
 
+@asynccontextmanager
+async def bob_behind_a_proxy(tmp_path: Path) -> AsyncIterator[tuple[Any, int, Any, Any]]:
+    """A broker with group "team" (alice, bob) and bob's phone connected
+    through a chaos proxy (whose ``target_port`` cuts the link): (the
+    handle, the broker's port, the proxy, bob's client)."""
+    from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
+
+    async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
+        port = int(im.urls[0].rsplit(":", 1)[1])
+        await im.create_group("team", ["alice", "bob"])
+        async with open_chaos_proxy("127.0.0.1", port, ChaosConfig()) as proxy, open_client(
+            f"tcp://127.0.0.1:{proxy.port}", im.issue_token("bob"), "phone", config=FAST_CLIENT
+        ) as bob:
+            yield im, port, proxy, bob
+
+
 async def test_a_device_away_while_a_conversation_was_purged_and_used_again_drops_the_purged_messages(tmp_path: Path) -> None:
     # A new user's trial (HIGH): bob's phone, its link down while the host
     # purged a group, created it again and posted, and purged a 1:1 chat
@@ -198,48 +215,42 @@ async def test_a_device_away_while_a_conversation_was_purged_and_used_again_drop
     # its old marker (3 where the broker said 1).  Its login now carries
     # each conversation's purge point (ConvPurged, before the ReadStates).
     from pimcore.client import ConversationPurged, MessageReceived
-    from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
 
     from _proc import free_port
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
-            port = int(im.urls[0].rsplit(":", 1)[1])
+        async with bob_behind_a_proxy(tmp_path) as (im, port, proxy, bob):
+            for i in range(5):
+                await im.post("team", b"old%d" % i, sender="alice", device="web")
+            for i in range(3):
+                await im.post(AB, b"d%d" % i, sender="alice", device="web")
+            assert len(await take(bob, 8)) == 8
+            await bob.mark_read("team", 3)
+            with trio.move_on_after(5):
+                while bob.read_state("team").read_seq != 3 or bob.read_state("team").unread != 2:
+                    await trio.sleep(0.01)
+            # The link goes down (the proxy cannot reach the broker).
+            proxy.target_port = free_port()
+            proxy.reset_all()
+            await im.purge_conversation("team")
+            await im.purge_conversation(AB)
             await im.create_group("team", ["alice", "bob"])
-            async with open_chaos_proxy("127.0.0.1", port, ChaosConfig()) as proxy, open_client(
-                f"tcp://127.0.0.1:{proxy.port}", im.issue_token("bob"), "phone", config=FAST_CLIENT
-            ) as bob:
-                for i in range(5):
-                    await im.post("team", b"old%d" % i, sender="alice", device="web")
-                for i in range(3):
-                    await im.post(AB, b"d%d" % i, sender="alice", device="web")
-                assert len(await take(bob, 8)) == 8
-                await bob.mark_read("team", 3)
-                with trio.move_on_after(5):
-                    while bob.read_state("team").read_seq != 3 or bob.read_state("team").unread != 2:
-                        await trio.sleep(0.01)
-                # The link goes down (the proxy cannot reach the broker).
-                proxy.target_port = free_port()
-                proxy.reset_all()
-                await im.purge_conversation("team")
-                await im.purge_conversation(AB)
-                await im.create_group("team", ["alice", "bob"])
-                await im.post("team", b"new-g", sender="alice", device="web")
-                await im.post(AB, b"new-d", sender="alice", device="web")
-                proxy.target_port = port
-                told, got = [], []
-                async for ev in bob.events():
-                    if isinstance(ev, ConversationPurged):
-                        told.append(ev)
-                    elif isinstance(ev, MessageReceived):
-                        got.append(ev.message.payload)
-                    if len(got) == 2 and len(told) == 2:
-                        break
-                assert sorted(told, key=lambda e: e.conv) == [ConversationPurged(AB, 3, False), ConversationPurged("team", 5, False)]
-                assert sorted(got) == [b"new-d", b"new-g"]
-                assert [m.payload for m in bob.view("team") if m.kind == F.MessageKind.MESSAGE] == [b"new-g"]
-                assert [m.payload for m in bob.view(AB)] == [b"new-d"]
-                assert bob.read_state("team").unread == 1 and bob.read_state(AB).unread == 1
+            await im.post("team", b"new-g", sender="alice", device="web")
+            await im.post(AB, b"new-d", sender="alice", device="web")
+            proxy.target_port = port
+            told, got = [], []
+            async for ev in bob.events():
+                if isinstance(ev, ConversationPurged):
+                    told.append(ev)
+                elif isinstance(ev, MessageReceived):
+                    got.append(ev.message.payload)
+                if len(got) == 2 and len(told) == 2:
+                    break
+            assert sorted(told, key=lambda e: e.conv) == [ConversationPurged(AB, 3, False), ConversationPurged("team", 5, False)]
+            assert sorted(got) == [b"new-d", b"new-g"]
+            assert [m.payload for m in bob.view("team") if m.kind == F.MessageKind.MESSAGE] == [b"new-g"]
+            assert [m.payload for m in bob.view(AB)] == [b"new-d"]
+            assert bob.read_state("team").unread == 1 and bob.read_state(AB).unread == 1
 
 
 async def until_unread(client: Any, conv: str, unread: int) -> None:
@@ -970,42 +981,36 @@ async def test_a_send_queued_before_a_purge_does_not_reach_a_group_created_again
     # purged seq (after_seq 3): SendError(PURGED), nothing stored.  His
     # next message says after_seq 0 and reaches carol.
     from pimcore.client import SendError
-    from pimcore.testing.chaos import ChaosConfig, open_chaos_proxy
 
     from _proc import free_port
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path, listen=["tcp://127.0.0.1:0"]) as im:
-            port = int(im.urls[0].rsplit(":", 1)[1])
-            await im.create_group("team", ["alice", "bob"])
-            async with open_chaos_proxy("127.0.0.1", port, ChaosConfig()) as proxy, open_client(
-                f"tcp://127.0.0.1:{proxy.port}", im.issue_token("bob"), "phone", config=FAST_CLIENT
-            ) as bob:
-                for i in range(3):
-                    await im.post("team", b"old%d" % i, sender="alice", device="web")
-                assert len(await take(bob, 3)) == 3
-                proxy.target_port = free_port()  # (the link goes down)
-                proxy.reset_all()
-                outcome: list[object] = []
+        async with bob_behind_a_proxy(tmp_path) as (im, port, proxy, bob):
+            for i in range(3):
+                await im.post("team", b"old%d" % i, sender="alice", device="web")
+            assert len(await take(bob, 3)) == 3
+            proxy.target_port = free_port()  # (the link goes down)
+            proxy.reset_all()
+            outcome: list[object] = []
 
-                async def write_stale() -> None:
-                    try:
-                        outcome.append(await bob.send("team", b"stale reply"))
-                    except SendError as exc:
-                        outcome.append(exc)
+            async def write_stale() -> None:
+                try:
+                    outcome.append(await bob.send("team", b"stale reply"))
+                except SendError as exc:
+                    outcome.append(exc)
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(write_stale)
-                    await trio.sleep(0.2)
-                    await im.purge_conversation("team")
-                    await im.create_group("team", ["bob", "carol"])
-                    proxy.target_port = port
-                [refused] = outcome
-                assert isinstance(refused, SendError) and refused.code is ErrorCode.PURGED
-                assert "was purged after this message was written" in str(refused)
-                assert await im.history("team", "carol") == []
-                sent = await bob.send("team", b"fresh")
-                assert sent.seq == 4
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_stale)
+                await trio.sleep(0.2)
+                await im.purge_conversation("team")
+                await im.create_group("team", ["bob", "carol"])
+                proxy.target_port = port
+            [refused] = outcome
+            assert isinstance(refused, SendError) and refused.code is ErrorCode.PURGED
+            assert "was purged after this message was written" in str(refused)
+            assert await im.history("team", "carol") == []
+            sent = await bob.send("team", b"fresh")
+            assert sent.seq == 4
             async with open_client(im.urls[0], im.issue_token("carol"), "phone", config=FAST_CLIENT) as carol:
                 got = await take(carol, 1)
                 assert [m.payload for m in got] == [b"fresh"]
