@@ -28,6 +28,25 @@ function sameUsers(a, b) {
  * A send or amend with the local id of a pending one `e` that carries another message (a local id names one
  * message): `differ`, the names of what differs, or null if one is a send and the other an amend.
  */
+// A local id as this client keys it: a number when it is a safe integer, else a BigInt -- as the codec decodes a
+// SendAck's (a JavaScript number holds no integer above 2**53 - 1 exactly: such ids travel as BigInt).  An option's
+// localId: a safe integer (number) or a BigInt, 0..2**64 - 1; else TypeError / RangeError at the call, nothing sent.
+function localIdKey(call, v) {
+  if (typeof v === 'bigint') {
+    if (v < 0n || v > U64_MAX) throw new RangeError(`${call}: localId must be 0..2**64-1, not ${v}`);
+    return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v;
+  }
+  if (typeof v !== 'number' || !Number.isInteger(v)) {
+    throw new TypeError(`${call}: localId must be an integer (a number, or a BigInt above 2**53-1), not ${showValue(v)}`);
+  }
+  if (v < 0) throw new RangeError(`${call}: localId must be 0..2**64-1, not ${v}`);
+  if (!Number.isSafeInteger(v)) {
+    throw new RangeError(`${call}: localId ${v} is above 2**53-1, where a number holds no exact integer: give it as a BigInt`
+      + ' (e.g. 2n ** 60n, or BigInt of the id as text)');
+  }
+  return v;
+}
+
 function pendingWithAnother(call, localId, e, differ) {
   const kind = (name) => (name === 'AmendReq' ? 'an amend' : 'a send');
   const what = !differ ? `the pending one is ${kind(e.frame.name)}, this ${call === 'amend' ? 'an amend' : 'a send'}`
@@ -445,7 +464,7 @@ export class PimcoreClient {
     this._listeners = new Map();
     this._pending = new Map(); // local id -> send entry
     this._expired = new Map(); // local id -> {conv, client_time, after_seq} of a send that timed out (for its retry)
-    this._lastLocalId = 0;
+    this._lastLocalId = 0n; // (a BigInt: local ids run to 2**64 - 1)
     this._localIdBase = 0; // µs: the clock at this run's first local id of its own (_newLocalId)
     this._lastStamp = 0;
     // Congestion control (the Python SDK's ClientSession; CLIENT.md "Back-pressure"):
@@ -534,9 +553,13 @@ export class PimcoreClient {
   // Unique across restarts while the clock does not go back by more than the
   // time between the two runs' first sends less the earlier run's sends.
   // Only the send path assigns _lastLocalId (after the frame is built).
-  _newLocalId(raw) {
+  _newLocalId(raw, call) {
     if (!this._localIdBase) this._localIdBase = raw;
-    return Math.max(this._lastLocalId + 1, this._localIdBase);
+    let next = this._lastLocalId + 1n;
+    const base = BigInt(Math.trunc(this._localIdBase));
+    if (base > next) next = base;
+    if (next > U64_MAX) throw new RangeError(`${call}: no local id is left above the last one taken (2**64-1): give localId`);
+    return next <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(next) : next;
   }
 
   _emit(name, ev) {
@@ -1078,6 +1101,7 @@ export class PimcoreClient {
     const now = this._sessionNow(); // deadlines
     const raw = this._rawNow; // local ids and stamps
     const bytes = payloadBytes(payload);
+    if (localId != null) localId = localIdKey('send', localId);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       const m = e.frame;
@@ -1089,7 +1113,7 @@ export class PimcoreClient {
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
-    const lid = localId != null ? localId : this._newLocalId(raw);
+    const lid = localId != null ? localId : this._newLocalId(raw, 'send');
     // A retry of a send that timed out (same local id, same conv) carries the
     // first attempt's stamp and after_seq: the same local id carries the same
     // SendReq, so the broker's original ack matches what was stored.
@@ -1101,7 +1125,7 @@ export class PimcoreClient {
       mentions: mentions.map((user) => ({ user })), mention_all: !!mentionAll,
     });
     f._body = encodeBody(f); // encoded once: every attempt sends the same bytes
-    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    if (BigInt(lid) > this._lastLocalId) this._lastLocalId = BigInt(lid);
     this._lastStamp = Math.max(this._lastStamp, stamp);
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0 };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
@@ -1145,6 +1169,7 @@ export class PimcoreClient {
     const now = this._sessionNow(); // deadlines
     const raw = this._rawNow; // local ids and stamps
     const bytes = payloadBytes(payload);
+    if (localId != null) localId = localIdKey('amend', localId);
     if (localId != null && this._pending.has(localId)) {
       const e = this._pending.get(localId);
       const m = e.frame;
@@ -1156,11 +1181,11 @@ export class PimcoreClient {
       e.deadline = Math.max(e.deadline, now + timeout * 1000);
       return e.promise;
     }
-    const lid = localId != null ? localId : this._newLocalId(raw);
+    const lid = localId != null ? localId : this._newLocalId(raw, 'amend');
     const stamp = Math.max(this._lastStamp + 1, raw + this.clockOffset);
     const f = frame('AmendReq', { local_id: lid, conv, target, action, client_time: stamp, payload: bytes });
     f._body = encodeBody(f); // throws EncodeError before any state changes
-    this._lastLocalId = Math.max(this._lastLocalId, lid);
+    if (BigInt(lid) > this._lastLocalId) this._lastLocalId = BigInt(lid);
     this._lastStamp = stamp;
     const entry = { localId: lid, conv, frame: f, deadline: now + timeout * 1000, inFlight: false, sentAt: 0, tx: 0, action, target };
     entry.promise = new Promise((resolve, reject) => { entry.resolve = resolve; entry.reject = reject; });
@@ -1198,7 +1223,7 @@ export class PimcoreClient {
     let inFlight = 0;
     for (const e of this._pending.values()) if (e.inFlight) inFlight++;
     if (inFlight >= this.sendWindow) return;
-    const queue = [...this._pending.values()].filter((e) => !e.inFlight).sort((a, b) => a.localId - b.localId);
+    const queue = [...this._pending.values()].filter((e) => !e.inFlight).sort((a, b) => (a.localId < b.localId ? -1 : a.localId > b.localId ? 1 : 0)); // (numbers and BigInts)
     for (const e of queue) {
       if (inFlight >= this.sendWindow) break;
       if (this._refuseOversize(e)) { this._pending.delete(e.localId); continue; } // queued before the limits were known

@@ -163,13 +163,13 @@ export declare class PimcoreClient {
   close(): Promise<void>;
   dropConnection(reason?: string): void;
   reconnectNow(): void;
-  /** With the `localId` of a send still pending: the same message (conv, payload, mentions in any order, mentionAll) is a retry and gets that send's promise; a different one (or the localId of a pending amend) rejects at once, nothing sent, with an Error "local id N is still pending with a different message" (likewise for amend, recall, edit and deleteForMe). */
-  send(conv: string, payload: Payload, options?: { localId?: number; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
+  /** `localId`: a safe integer (number), or a BigInt up to 2**64-1 (a number above 2**53-1 is a RangeError: it holds no exact integer); by default the client's own. With the `localId` of a send still pending: the same message (conv, payload, mentions in any order, mentionAll) is a retry and gets that send's promise; a different one (or the localId of a pending amend) rejects at once, nothing sent, with an Error "local id N is still pending with a different message" (likewise for amend, recall, edit and deleteForMe). */
+  send(conv: string, payload: Payload, options?: { localId?: Int; timeout?: number; mentions?: string[]; mentionAll?: boolean }): Promise<Sent>;
   /** Rejects at once (nothing sent) with RangeError for a `target` that is not an integer in 1..2**64-1 (TypeError if no number or bigint); so do recall, edit and deleteForMe for their `seq`. */
-  amend(conv: string, target: Int, action: number, payload?: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  recall(conv: string, seq: Int, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  edit(conv: string, seq: Int, payload: Payload, options?: { localId?: number; timeout?: number }): Promise<Sent>;
-  deleteForMe(conv: string, seq: Int, options?: { localId?: number; timeout?: number }): Promise<Sent>;
+  amend(conv: string, target: Int, action: number, payload?: Payload, options?: { localId?: Int; timeout?: number }): Promise<Sent>;
+  recall(conv: string, seq: Int, options?: { localId?: Int; timeout?: number }): Promise<Sent>;
+  edit(conv: string, seq: Int, payload: Payload, options?: { localId?: Int; timeout?: number }): Promise<Sent>;
+  deleteForMe(conv: string, seq: Int, options?: { localId?: Int; timeout?: number }): Promise<Sent>;
   pendingSends(): number[];
   /**
    * Move the read marker (never back); re-sent until confirmed.  Throws, nothing sent: RangeError for a `seq` not an
@@ -201,9 +201,9 @@ export declare class PimcoreClient {
 }
 
 export declare class SendError extends Error { code: number; reason: string }
-export declare class SendTimeout extends Error { localId: number }
+export declare class SendTimeout extends Error { localId: Int }
 /** For a send pending at close, `localId` is its local id (the message may have been stored: send again with it); null otherwise. */
-export declare class ClientClosed extends Error { localId: number | null }
+export declare class ClientClosed extends Error { localId: Int | null }
 export declare class AuthFailed extends Error {}
 /** The first connection failed: a URL not ws:// or wss://, a refused WebSocket upgrade (HTTP 404: the wrong path), in Node a refused port or an unknown host, or no login within connectTimeout (the last attempt's reason). The client ends. */
 export declare class ConnectFailed extends Error {}

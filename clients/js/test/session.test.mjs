@@ -386,6 +386,49 @@ test("a group purge forgets the seqs seen: the next send answers nothing purged;
   await c.close();
 });
 
+test('local ids above 2**53-1 travel as BigInt: a SendAck matches its send, and the next id is the next one', async () => {
+  // A new user's trial (HIGH): localId 2**60 (a number) was stored but the send ended in SendTimeout -- the codec
+  // decodes the SendAck's local id as a BigInt, which matched no pending send -- and every later send reused one
+  // local id (a number cannot count past 2**53) and was never stored.
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  await assert.rejects(c.send('d:u:v', 'x', { localId: 2 ** 60 }), (e) => e instanceof RangeError && /give it as a BigInt/.test(e.message));
+  await assert.rejects(c.send('d:u:v', 'x', { localId: 1.5 }), TypeError);
+  await assert.rejects(c.send('d:u:v', 'x', { localId: 2n ** 64n }), RangeError);
+  await assert.rejects(c.recall('d:u:v', 1, { localId: 2 ** 60 }), RangeError);
+  await sleep(5);
+  assert.equal(ws.of('SendReq').length + ws.of('AmendReq').length, 0, 'nothing sent');
+  const acked = async (n) => {
+    await sleep(5);
+    const reqs = ws.of('SendReq').slice(n);
+    for (const r of reqs) ws.deliver(frame('SendAck', { local_id: r.local_id, code: 0, msg_id: new Uint8Array(16).fill(1), seq: 1, server_time: 1 }));
+    return reqs.map((r) => r.local_id);
+  };
+  const big = c.send('d:u:v', 'snowflake', { localId: 2n ** 60n });
+  assert.deepEqual(await acked(0), [2n ** 60n]);
+  assert.equal((await big).local_id, 2n ** 60n);
+  const next = c.send('d:u:v', 'next');
+  assert.deepEqual(await acked(1), [2n ** 60n + 1n]);
+  assert.equal((await next).local_id, 2n ** 60n + 1n);
+  await c.close();
+  // The largest safe number, then the client's next id past it: a BigInt (it was 2**53 as a number, again and again).
+  const d = make({ backoffInitial: 1 });
+  const { ws: ws2 } = await connected(d);
+  const ack2 = async (n) => {
+    await sleep(5);
+    const reqs = ws2.of('SendReq').slice(n);
+    for (const r of reqs) ws2.deliver(frame('SendAck', { local_id: r.local_id, code: 0, msg_id: new Uint8Array(16).fill(2), seq: 1, server_time: 1 }));
+    return reqs.map((r) => r.local_id);
+  };
+  const edge = d.send('d:u:v', 'edge', { localId: Number.MAX_SAFE_INTEGER });
+  assert.deepEqual(await ack2(0), [Number.MAX_SAFE_INTEGER]);
+  assert.equal((await edge).local_id, Number.MAX_SAFE_INTEGER);
+  const past = [d.send('d:u:v', 'past 1'), d.send('d:u:v', 'past 2')];
+  assert.deepEqual(await ack2(1), [2n ** 53n, 2n ** 53n + 1n]);
+  assert.deepEqual((await Promise.all(past)).map((x) => x.local_id), [2n ** 53n, 2n ** 53n + 1n]);
+  await d.close();
+});
+
 test('an unknown option is refused by the constructor, naming it (a typo was ignored)', () => {
   // A new user's trial: { connectTimout: 500 } was taken silently, and connect() waited the default 10 s.
   assert.throws(() => make({ connectTimout: 500 }), (e) => e instanceof TypeError && /unknown option connectTimout/.test(e.message) && /connectTimeout/.test(e.message));
