@@ -119,6 +119,7 @@ from .client_session import (
 from .clock import elapsed_ns as _elapsed_ns
 from .codec import DEFAULT_MAX_FRAME_SIZE
 from .errors import CloseCode
+from .ids import id_problem
 from .net.streams import Endpoint, StreamWrapper, WebSocketStream, parse_url
 from ._util import BaseExceptionGroup, first_leaf, unwrap_single
 
@@ -503,7 +504,8 @@ def _check_arguments(url: Any, token: Any, device: Any) -> None:
     NoneType can't be used in 'await' expression" from deep inside, a
     ``device`` of None the codec's "field 'device': expected str".
     ValueError for an empty token (``""`` was sent, and refused by the
-    broker as "token is invalid: Not enough segments")."""
+    broker as "token is invalid: Not enough segments") and for a malformed
+    device id."""
     if not isinstance(url, str):
         raise TypeError(f"open_client: url must be a str (tcp://HOST:PORT, tls://, ws://HOST:PORT/PATH or wss://),"
                         f" not {type(url).__name__}")
@@ -513,6 +515,12 @@ def _check_arguments(url: Any, token: Any, device: Any) -> None:
         raise ValueError(f"open_client: token cannot be empty: give a token {_TOKEN_FROM}")
     if not isinstance(device, str):
         raise TypeError(f"open_client: device must be a str (a device id, e.g. \"phone\"), not {type(device).__name__}")
+    problem = id_problem(device, "device")
+    if problem is not None:
+        # (The broker refuses it at login, which the client said as
+        # AuthFailed -- "authentication", sending an app to fetch a new
+        # token: a new user's trial.)
+        raise ValueError(f"open_client: {problem}")
 
 
 def _check_seconds(call: str, timeout: object) -> None:

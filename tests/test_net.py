@@ -3483,6 +3483,20 @@ async def test_an_empty_token_is_a_value_error_at_the_call(lmdb_store, caplog, t
     assert "login refused" not in caplog.text, caplog.text
 
 
+@pytest.mark.parametrize("device", ["", "a b", "x" * 65, "é"])
+async def test_a_malformed_device_id_is_a_value_error_at_the_call(lmdb_store, caplog, device):
+    """A new user's trial: open_client(url, token, device="a b") connected,
+    and the broker's refusal came back as AuthFailed -- "authentication",
+    which sends an app to fetch a new token.  A ValueError at the call
+    quoting the rule; the broker never sees a login."""
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            with pytest.raises(ValueError, match=r"^open_client: .*device id.* \(device ids are 1-64 ASCII characters"):
+                async with open_client(srv.urls[0], token("alice"), device, config=FAST_CLIENT):
+                    pass  # pragma: no cover
+    assert "login refused" not in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("scheme", ["ws", "tcp"])
 async def test_catching_up_on_large_messages_over_every_transport(lmdb_store, scheme):
     """Many large messages at login: the broker writes megabytes at once; a

@@ -9,7 +9,7 @@
 // pass a WebSocket class such as the `ws` package's as `WebSocket`).
 import {
   CAP_CONV_PURGED, CloseCode, EncodeError, ErrorCode, FrameDecoder, FrameType, MessageKind, PresenceState, ProtocolError, Setting, codeName,
-  conversationProblem, directMembers, encodeBody, frame, frameBytes, showValue,
+  conversationProblem, directMembers, encodeBody, frame, frameBytes, showValue, validId,
 } from './codec.js';
 import { displayOrder } from './order.js';
 
@@ -397,6 +397,8 @@ function checkOptions(o) {
   }
   if (typeof o.reconnect !== 'boolean') throw new TypeError(`reconnect must be true or false, not ${JSON.stringify(o.reconnect)}`);
   if (typeof o.device !== 'string' || !o.device) throw new TypeError(`device must be a string (this installation's id), not ${JSON.stringify(o.device)}`);
+  // (The broker refuses it at login, which the client said as AuthFailed -- "authentication": a new user's trial.)
+  if (!validId(o.device)) throw new RangeError(`device ${showValue(o.device)} is no device id: 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -`);
   const z = o.compression;
   if (z != null && !(typeof z === 'object' && Number.isInteger(z.caps) && typeof z.createInflater === 'function' && typeof z.createDeflater === 'function')) {
     throw new TypeError('compression must be null or a compression from ./deflate.js (deflateCompression, deflateCompressionWith(pako))');

@@ -472,6 +472,8 @@ test('option values are checked by the constructor, naming the option', () => {
   const bad = [
     [{ viewLimit: -1 }, RangeError, /viewLimit must be an integer >= 0/], [{ viewLimit: 1.5 }, RangeError, /viewLimit/],
     [{ device: 5 }, TypeError, /device must be a string/], [{ device: '' }, TypeError, /device must be a string/],
+    // (A malformed id came back as AuthFailed after a round trip: a new user's trial.)
+    [{ device: 'a b' }, RangeError, /device 'a b' is no device id: 1-64 ASCII/], [{ device: 'x'.repeat(65) }, RangeError, /no device id/],
     [{ connectTimeout: '100' }, TypeError, /connectTimeout must be a number of ms/], [{ connectTimeout: -5 }, RangeError, /connectTimeout must be a number of ms >= 0/],
     [{ sendTimeout: -1 }, RangeError, /sendTimeout/], [{ ackTimeout: 'abc' }, TypeError, /ackTimeout/], [{ backoffMax: 'x' }, TypeError, /backoffMax/],
     [{ deadAfter: 0 }, RangeError, /deadAfter must be a number > 0/], [{ timeSamples: -1 }, RangeError, /timeSamples/],

@@ -407,6 +407,11 @@ export function showValue(v) {
   return t.length > 70 ? `'${t.slice(0, 70)}'...(${t.length} chars)` : `'${t}'`;
 }
 
+/** Whether `v` is a valid user or device id (1-64 characters of A-Z a-z 0-9 _ . @ -). */
+export function validId(v) {
+  return typeof v === 'string' && ID_RE.test(v);
+}
+
 /** The two users of a well-formed direct (1:1) conversation id, else null. */
 export function directMembers(conv) {
   if (typeof conv !== 'string' || !conv.startsWith('d:')) return null;
