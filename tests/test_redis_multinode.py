@@ -469,6 +469,85 @@ async def test_a_retry_through_another_node_while_the_first_is_half_way_stores_o
             assert [m.msg_id for _, m in await s1.inbox_range("bob", 0, 10)] == [op.msg_id]
 
 
+async def test_a_claim_finished_by_another_node_between_its_claim_and_its_msg_id_check_is_no_broken_clock(redis_cluster) -> None:
+    """A new operator's trial (HIGH): one post with one Idempotency-Key sent
+    to two nodes at once was stored twice.  Node 1's round 1 claimed the
+    local id and asked whether its msg id was stored; in between, node 2
+    (finding the claim) stored the message under that msg id.  Node 1 took
+    the stored msg id for a broken clock: INTERNAL, and it deleted the
+    dedupe record -- node 2's, finished by then -- so the retry it asked for
+    was stored again.  It now finds its own message there: the original."""
+    from pimcore.store import Appended, Duplicate
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    op = _send(AB, "alice", 11, 9_000_000, b"\x07" * 8)
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            real_run = redis_scripts.ClusterOps.run
+            state = {"first": True}
+
+            async def interleaved(self: Any, rnd: Any, wait: bool = True) -> Any:
+                if self.s is not s1 or not state["first"]:
+                    return await real_run(self, rnd, wait)
+                state["first"] = False
+                claimed = await real_run(self, rnd, wait)  # the claim lands...
+                retry = _send(AB, "alice", 11, 9_500_000, b"\x08" * 8)
+                (other,) = await s2.execute(StoreRequest(2, (retry,), True))  # ...node 2 finishes it...
+                assert isinstance(other, Appended) and other.msg_id == op.msg_id
+                checked = await real_run(self, rnd, wait)  # ...before the msg id check
+                return [claimed[0], checked[1]]
+
+            redis_scripts.ClusterOps.run = interleaved  # type: ignore[method-assign]
+            try:
+                (res,) = await s1.execute(StoreRequest(1, (op,), True))
+            finally:
+                redis_scripts.ClusterOps.run = real_run  # type: ignore[method-assign]
+            assert isinstance(res, (Appended, Duplicate)) and (res.msg_id, res.seq) == (op.msg_id, 1), res
+            (again,) = await s1.execute(StoreRequest(3, (op,), True))
+            assert again == Duplicate(op.msg_id, 1, op.server_time)
+            assert await s1.last_seq(AB) == 1
+            assert [m.msg_id for _, m in await s1.inbox_range("bob", 0, 10)] == [op.msg_id]
+
+
+async def test_one_post_through_two_nodes_at_once_is_stored_once_many_times_over(redis_cluster) -> None:
+    """The trial's scenario as it ran: the same post (one sender, device,
+    local id, payload) through two nodes at once, 150 times; each node
+    stamps it itself (its own msg id, client and server time).  Every pair
+    of answers names one seq, none is refused, and the conversation holds
+    150 messages (the trial saw 16-37 pairs of 300 answered INTERNAL, and
+    their retries stored again)."""
+    from pimcore.core import message_digest
+    from pimcore.store import NewMessage
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(120):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1, \
+                RedisStore.connect(redis_cluster.url, namespace=ns) as s2:
+            answers: dict[int, list[Any]] = {}
+
+            async def post(store: Any, node: bytes, k: int, t: int) -> None:
+                body = b"post %d" % k
+                op = NewMessage(t.to_bytes(8, "big") + node, AB, "alice", "web", 1000 + k, t, t, body,
+                                message_digest(AB, body))
+                (res,) = await store.execute(StoreRequest(k, (op,), True))
+                answers.setdefault(k, []).append(res)
+
+            async with trio.open_nursery() as n:
+                for k in range(150):
+                    n.start_soon(post, s1, b"\x0a" * 8, k, 20_000_000 + 2 * k)
+                    n.start_soon(post, s2, b"\x0b" * 8, k, 20_000_000 + 2 * k + 1)
+            bad = {k: a for k, a in answers.items() if len({getattr(r, "seq", None) for r in a}) != 1
+                   or any(getattr(r, "seq", None) is None for r in a)}
+            assert not bad, list(bad.items())[:3]
+            assert await s1.last_seq(AB) == 150
+
+
 async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redis_cluster) -> None:
     """A conversation's state rolled back under a node (what a failover that
     lost acknowledged writes looks like): the node's next send there gets a

@@ -164,6 +164,12 @@ local function B(u, sc, member)
 end
 """
 
+def _claim(op: Any) -> str:
+    """A send's dedupe claim (the CLAIM script's value): "P:" msg id, server
+    time, digest and conversation, until its final record replaces it."""
+    return f"P:{op.msg_id.hex()}:{op.server_time}:{op.digest.hex()}:{op.conv}"
+
+
 # KEYS: user. ARGV: field, claim value. -> nil (claimed) or the existing value.
 CLAIM = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -186,12 +192,14 @@ if ARGV[3] == '1' then mem = ARGV[8] else
 end
 local prior = redis.call('HGET', c, 'm:' .. ARGV[1])
 if prior and ARGV[10] ~= '1' then
-  -- This very send again (its round retried: the answer was lost after the
-  -- write) finds its own entry -- the same bytes but seq and after_seq;
+  -- This very send again finds its own entry: its round retried (the answer
+  -- was lost after the write), or another node that found this node's claim
+  -- stored it (one post through two nodes at once, each stamping its own
+  -- client time) -- the same bytes but seq, client time and after_seq;
   -- anything else with this msg id is another message (a broken clock).
   local b, a = redis.call('HGET', c, 's:' .. prior), ARGV[4]
-  if not b or string.sub(b, 1, 16) .. string.sub(b, 25, 48) .. string.sub(b, 57)
-      ~= string.sub(a, 1, 16) .. string.sub(a, 25, 48) .. string.sub(a, 57) then return {-3} end
+  if not b or string.sub(b, 1, 16) .. string.sub(b, 25, 32) .. string.sub(b, 41, 48) .. string.sub(b, 57)
+      ~= string.sub(a, 1, 16) .. string.sub(a, 25, 32) .. string.sub(a, 41, 48) .. string.sub(a, 57) then return {-3} end
 end
 if prior then
   local b = redis.call('HGET', c, 's:' .. prior)
@@ -561,7 +569,8 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return old
 """
 
-# KEYS: online. ARGV: device, node: delete only if still ours
+# KEYS: online. ARGV: device, node: delete only if still ours (also a
+# send's dedupe claim: KEYS user, ARGV field, the claim)
 OFFLINE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) return 1 end
 return 0
@@ -1152,7 +1161,7 @@ class ClusterOps:
         rnd = _Round()
         for i in idx:
             op = ops[i]
-            claim = f"P:{op.msg_id.hex()}:{op.server_time}:{op.digest.hex()}:{op.conv}"
+            claim = _claim(op)
             rnd.script("CLAIM", (s._k_user(op.sender),), (f"d:{op.device}/{op.local_id}", claim))
             mkey = s._k_msg(op.msg_id)
             rnd.raw(mkey, "HEXISTS", mkey, "r")  # a msg id stored before: a broken clock
@@ -1168,6 +1177,17 @@ class ClusterOps:
         for i, prior, used in zip(idx, claims, taken):
             op = ops[i]
             key = (op.sender, op.device, op.local_id)
+            if prior is None and used and op.msg_id not in batch_ids and key not in claimed:
+                # Claimed fresh, yet the msg id is stored: another node that
+                # found the claim in between stored this message under it (one
+                # post with one idempotency key through two nodes at once: a
+                # new operator's trial saw it refused, its dedupe record
+                # deleted and the retry stored again) -- or a broken clock.
+                # SEND tells them apart: -3 below is the broken clock.
+                batch_ids.add(op.msg_id)
+                claimed[key] = (i, op.digest)
+                todo.append((i, op, op.msg_id, op.server_time))
+                continue
             if prior is None and (used or op.msg_id in batch_ids) and key not in claimed:
                 # A broken clock; the conversation checks come first (as in
                 # the memory store): only a send that would be stored fails
@@ -1221,7 +1241,10 @@ class ClusterOps:
             if code < 0:
                 results[i] = Rejected({-1: ErrorCode.UNKNOWN_CONVERSATION, -2: ErrorCode.NOT_MEMBER,
                                        -4: ErrorCode.PURGED}.get(code, ErrorCode.INTERNAL))
-                undo.hdel(s._k_user(op.sender), f"d:{op.device}/{op.local_id}")
+                # Its claim goes, only while it is still this node's (another
+                # node may have finished it into its final record, or it is
+                # another node's claim this one was finishing).
+                undo.script("OFFLINE", (s._k_user(op.sender),), (f"d:{op.device}/{op.local_id}", _claim(op)))
                 continue
             seq, mem, after, st, replayed = code, ans[1].decode(), int(ans[2]), int(ans[3]), bool(ans[4])
             self._check_seq(op.conv, seq, replayed)
