@@ -927,9 +927,23 @@ class ServeSettings:
             raise self._named(str(exc)) from None
 
     def http_config(self, ssl_context: Any = None, api_keys: tuple[str, ...] = ()) -> Any:  # -> HttpConfig
-        """The HTTP listener's :class:`~pimcore.http.HttpConfig` (None without one)."""
+        """The HTTP listener's :class:`~pimcore.http.HttpConfig` (None without
+        one).  ConfigError for another ``[http]`` key set to other than its
+        default without ``listen`` (it would go unused: as for [webhooks]
+        and [moderation])."""
         ep = self.http_endpoint()
         if ep is None:
+            import dataclasses
+
+            from .http import HttpConfig
+
+            # (Keys at their defaults change nothing: --print-config writes
+            # them all, and reads back without a listener.)
+            defaults = {f.name: f.default for f in dataclasses.fields(HttpConfig)}
+            extra = sorted(k for k, v in self.http_options.items() if k != "listen" and v != defaults.get(k, v))
+            if extra:
+                raise self._refused(f"http: {extra[0]} is set but http.listen is not (no HTTP listener)",
+                                    ("http", extra[0]))
             return None
         from .http import HttpConfig
 
@@ -1532,6 +1546,8 @@ def load_settings(
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
     s.moderation_config(secret=b"-")
+    if not s.http:
+        s.http_config()  # ([http] keys without a listener: a trial's were taken and unused)
     # No listener is fine for an embedded broker (pimcore.embed); `pimcore
     # serve` refuses it itself.
     return s

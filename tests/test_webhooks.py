@@ -204,6 +204,8 @@ def test_settings_errors_name_the_key(tmp_path: Path) -> None:
     assert "webhooks.retry_base / retry_cap" in error(webhooks={"url": "http://h/x", "retry_base": 9.0, "retry_cap": 1.0})
     assert "webhooks.events: unknown event types ['msg']" in error(webhooks={"url": "http://h/x", "events": ["msg"]})
     assert "webhooks: timeout is set but webhooks.url is not" in error(webhooks={"timeout": 3.0})
+    # (A new operator's trial: [http] keys without a listener were taken and went unused.)
+    assert "http: request_timeout is set but http.listen is not" in error(text='[http]\nrequest_timeout = 5.0\n')
     assert "moderation.policy: required" in error(text='[moderation]\nurl = "http://h/m"\n')
     assert 'moderation.policy: expected "open" or "closed"' in error(moderation={"url": "http://h/m", "policy": "maybe"})
     assert "moderation.timeout_ms: must be 1..60000" in error(moderation={"url": "http://h/m", "policy": "open", "timeout_ms": 0})
