@@ -152,6 +152,8 @@ __all__ = [
 ]
 
 SECOND = 1_000_000  # µs
+#: The longest a delivery ack may wait before it is committed (BrokerConfig.ack_delay).
+MAX_ACK_DELAY = 60 * SECOND
 DAY = 86_400 * SECOND
 
 #: The capabilities this core can grant: zstd frame compression and the
@@ -350,7 +352,7 @@ class BrokerConfig:
     # in the order proposed.  Losing such an op only re-delivers (the
     # position moves back to an older stored one; clients dedupe by
     # position).  0 = never wait.
-    ack_delay: int = 0
+    ack_delay: int = 0  # at most MAX_ACK_DELAY
     reclaim_interval: int = 60 * SECOND
     device_retention: int = 30 * DAY  # devices unseen this long stop holding inbox entries
     inbox_max_age: int = 90 * DAY  # inbox entries older than this are reclaimed regardless
@@ -443,6 +445,10 @@ class BrokerConfig:
                 raise ValueError(f"BrokerConfig.{name} must be > 0 µs")
         if self.idle_timeout < 0 or self.ack_delay < 0:
             raise ValueError("BrokerConfig.idle_timeout and ack_delay must be >= 0 µs (0 = off)")
+        if self.ack_delay > MAX_ACK_DELAY:
+            # (A trial's 1e9 s was taken: no delivery ack would ever be saved,
+            # and every restart would deliver everything again.)
+            raise ValueError(f"ack_delay must be at most {MAX_ACK_DELAY // SECOND} s, got {self.ack_delay / SECOND:g} s")
         if self.compression_idle < 0:
             raise ValueError("BrokerConfig.compression_idle must be >= 0 µs (0 = never)")
         for name in ("recall_window", "edit_window", "delete_window"):
