@@ -548,6 +548,101 @@ async def test_one_post_through_two_nodes_at_once_is_stored_once_many_times_over
             assert await s1.last_seq(AB) == 150
 
 
+async def test_a_backfill_that_reads_no_entry_above_the_history_floor_delivers_nothing_past_it(redis_cluster) -> None:
+    """A new operator's trial (HIGH): a Redis master killed and restarted
+    under traffic between two nodes left a run of 58-290 acked messages out
+    of the peer's inbox for good (its last delivered seq past them, its
+    head below).  A fan-out that meets a gap backfills it from the
+    conversation's log; a log entry it read as absent was taken for one
+    removed by retention or a purge and skipped -- but the read had reached
+    a node without the write (the restarted master, before it learned it
+    had been failed over).  Absent above the history floor is no removal:
+    the fan-out fails (a retry, or the outbox sweep, delivers in order)."""
+    from pimcore.errors import StoreError
+    from pimcore.store import Appended
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore, _Tx
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1:
+            (one,) = await s1.execute(StoreRequest(1, (_send(AB, "alice", 1, 10_000_000, b"\x09" * 8),), True))
+            assert isinstance(one, Appended)
+
+            class Died(Exception):
+                pass
+
+            async def die(self: Any) -> Any:
+                raise Died()
+
+            real = redis_scripts._Fanout.run
+            redis_scripts._Fanout.run = die  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Died):  # seq 2 stored, its fan-out never ran
+                    await s1.execute(StoreRequest(2, (_send(AB, "alice", 2, 10_000_001, b"\x09" * 8),), True))
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            real_mget = _Tx.mget
+
+            async def stale(self: Any, key: str, fields: Any) -> Any:
+                got = await real_mget(self, key, fields)
+                return [None if f == "s:2" else v for f, v in zip(fields, got)]  # (a node without the write)
+
+            _Tx.mget = stale  # type: ignore[method-assign]
+            try:
+                with pytest.raises(StoreError, match="above its history floor"):
+                    await s1.execute(StoreRequest(3, (_send(AB, "alice", 3, 10_000_002, b"\x09" * 8),), True))
+            finally:
+                _Tx.mget = real_mget  # type: ignore[method-assign]
+            assert [m.seq for _, m in await s1.inbox_range("bob", 0, 10)] == [1]  # nothing past the gap
+            assert await s1.cluster.sweep(older_than=0) == 2
+            assert [m.seq for _, m in await s1.inbox_range("bob", 0, 10)] == [1, 2, 3]
+            assert [m.seq for _, m in await s1.inbox_range("alice", 0, 10)] == [1, 2, 3]
+
+
+async def test_a_backfill_fills_every_seq_up_to_the_last_it_brings_not_only_those_before_its_first(redis_cluster) -> None:
+    """A new operator's trial (HIGH): a Redis master killed and restarted
+    under traffic between two nodes left runs of acked messages out of both
+    users' inboxes for good.  Node 1's fan-out of its batch (seqs 3 and 5:
+    node 2's message took 4 in between) met a gap (seq 2, node 2's, not
+    fanned out yet) and backfilled seqs up to its first (2), then wrote its
+    own 3 and 5 with no check between them: the recipient's last delivered
+    seq passed 4, and node 2's fan-out of 4 then found it delivered.  (The
+    failover made it likely: sends queued while the store was down came
+    out as large batches, interleaved with the other node's.)  A backfill
+    now fills every seq up to the last it brings."""
+    from pimcore.store import redis_scripts
+    from pimcore.store.redis import RedisStore, _Tx
+
+    ns = _ns()
+    AB = direct_conversation("alice", "bob")
+    ops = [_send(AB, "alice" if k % 2 else "bob", k, 30_000_000 + k, b"\x0c" * 8) for k in range(1, 6)]
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s1:
+            await s1.execute(StoreRequest(1, (ops[0],), True))
+            real = redis_scripts._Fanout.run
+
+            async def later(self: Any) -> Any:
+                return {}  # (stored; its fan-out not run yet)
+
+            redis_scripts._Fanout.run = later  # type: ignore[method-assign]
+            try:
+                for k, op in enumerate(ops[1:], 2):
+                    await s1.execute(StoreRequest(k, (op,), True))
+            finally:
+                redis_scripts._Fanout.run = real  # type: ignore[method-assign]
+            assert await s1.last_seq(AB) == 5
+            fan = redis_scripts._Fanout(s1.cluster)  # node 1's batch: seqs 3 and 5
+            for seq in (3, 5):
+                fan.message(await s1._msg_at(_Tx(s1), AB, seq), ["alice", "bob"], False)
+            await fan.run()
+            assert [m.seq for _, m in await s1.inbox_range("bob", 0, 10)] == [1, 2, 3, 4, 5]
+            assert await s1.cluster.sweep(older_than=0) >= 2  # node 2's 2 and 4 (and the others): nothing twice
+            assert [m.seq for _, m in await s1.inbox_range("bob", 0, 10)] == [1, 2, 3, 4, 5]
+            assert [m.seq for _, m in await s1.inbox_range("alice", 0, 10)] == [1, 2, 3, 4, 5]
+
+
 async def test_writes_lost_in_a_failover_are_detected_and_the_epoch_changes(redis_cluster) -> None:
     """A conversation's state rolled back under a node (what a failover that
     lost acknowledged writes looks like): the node's next send there gets a

@@ -2465,18 +2465,39 @@ class _Fanout:
             pair = direct_members(conv)
             spans = ((0, OPEN),) if pair is not None else _dec_spans(await tx.get(s._k_conv(conv), "sp:" + user))
             ranges = member_ranges(spans)
-            missing = [q for q in range(lseq + 1, first) if any(lo <= q <= hi for lo, hi in ranges)]
-            blobs = await tx.mget(s._k_conv(conv), [f"s:{q}" for q in missing]) if missing else []
+            # Every seq up to the LAST this round brings, not only those before
+            # its first: FANOUT's backfill mode checks no gap between the
+            # pairs it is given, and another node's message may sit between
+            # two of this batch's (a new operator's trial: the recipient's
+            # last delivered seq passed it, and that node's own fan-out then
+            # found it delivered -- lost for good).
+            # (``first``: the seq below which all is to fill, with no items.)
+            have = {q for q, _ in items}
+            missing = [q for q in range(lseq + 1, max(have) if have else first)
+                       if q not in have and any(lo <= q <= hi for lo, hi in ranges)]
+            blobs = await tx.mget(s._k_conv(conv), [f"s:{q}" for q in missing] + ["hf"]) if missing else [None]
+            floor = int(blobs.pop() or 0)  # (the history floor, read with them)
             full = []
             for q, b in zip(missing, blobs):
                 if b is None:
-                    # Removed by retention (Expire) or a purge: nothing left
-                    # to deliver (seqs are taken with their entry, by SEND or
-                    # CHANGE, so a seq below the last never lacks one otherwise).
-                    continue
+                    if q <= floor:
+                        # Removed by retention (Expire) or a purge: nothing
+                        # left to deliver.
+                        continue
+                    # Seqs are taken with their entry (SEND, CHANGE), and
+                    # only retention and purges remove one, up to the floor:
+                    # the read reached a node without the write (a master
+                    # restarted under traffic answers until it learns it was
+                    # failed over -- a new operator's trial lost a run of
+                    # acked messages from an inbox here, delivering past
+                    # them).  This fan-out fails; a retry or the outbox
+                    # sweep delivers in order.
+                    raise StoreError(f"Redis: {conv!r} seq {q} (to {user!r}) is missing above its history floor"
+                                     f" {floor}: a node answered without a write it had acknowledged; fan-out not done")
                 m = _dec_msg(b)
                 full.append((q, f"{q}:{m.server_time}:{conv}"))
             full.extend(items)
+            full.sort()  # (ascending, as FANOUT takes them)
             if not full:
                 continue  # all removed: nothing to deliver
             calls.append((rnd.script("FANOUT", (s._k_user(user), ops.online_key(user)),
