@@ -428,6 +428,14 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+def _in_use(settings: Any, holder: str) -> str:
+    """serve's refusal of a data directory whose store another broker holds."""
+    return (f"pimcore serve: the data directory {settings.data_dir} is in use by {holder}"
+            " (it holds store/broker.lock): stop it, or give this one another --data-dir"
+            " (pimcore group, purge and retention work next to a running broker, unless its durability"
+            " is log)")
+
+
 def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDirStart
     import signal
 
@@ -483,6 +491,14 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
         webhook = settings.webhook_config()
         http_config = None
         made_key = False
+        if http_ep is not None and settings.store is None:
+            # In use: said before the API key is made (a refused start left
+            # a new api-key behind -- a new operator's trial; the start's
+            # take-back leaves a held store's directory alone).
+            state, holder = LmdbStore.broker_state(settings.data_dir / "store")
+            if state == "running":
+                print(_in_use(settings, holder or "another process"), file=sys.stderr)
+                return EXIT_FAILED
         if http_ep is not None:
             had_key = (settings.data_dir / "api-key").exists()
             api_keys = settings.load_api_keys()
@@ -503,10 +519,7 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
             store = LmdbStore(store_dir, durability=settings.durability)
         except StoreInUse as exc:
             # The library's hint (owner=False) is for Python embedders.
-            print(f"pimcore serve: the data directory {settings.data_dir} is in use by {exc.holder}"
-                  " (it holds store/broker.lock): stop it, or give this one another --data-dir"
-                  " (pimcore group, purge and retention work next to a running broker, unless its durability"
-                  " is log)", file=sys.stderr)
+            print(_in_use(settings, exc.holder), file=sys.stderr)
             return EXIT_FAILED  # (held by another process, as a port in use: it may be free later)
         except StoreError as exc:
             # (A full disk at replay, an I/O error: 1, restartable; a log of

@@ -153,7 +153,7 @@ __all__ = [
 
 SECOND = 1_000_000  # µs
 #: The longest a delivery ack may wait before it is committed (BrokerConfig.ack_delay).
-MAX_ACK_DELAY = 60 * SECOND
+MAX_ACK_DELAY = 3600 * SECOND
 DAY = 86_400 * SECOND
 
 #: The capabilities this core can grant: zstd frame compression and the

@@ -825,6 +825,11 @@ def test_a_data_dir_in_use_by_another_broker_says_what_a_cli_user_can_do(tmp_pat
     # What it says works while the other broker runs does.
     made = run_pimcore("group", "create", "team", "alice", "bob", "--data-dir", data)
     assert made.returncode == 0, made.stderr
+    # With --http too, the same words, and no API key left behind (a new
+    # operator's trial: the refused start had made one).
+    r = run_pimcore("serve", "--listen", LOOPBACK, "--http", LOOPBACK, "--data-dir", data)
+    assert r.returncode == 1 and f"is in use by process {first.popen.pid} (" in r.stderr, r.stderr
+    assert not (data / "api-key").exists()
 
 
 # ---------------------------------------------------------------- TLS
