@@ -83,17 +83,26 @@ class JwtAuthenticator:
     """``Broker`` authenticator: ``(token, now_us) -> Identity`` or AuthError.
 
     ``leeway`` (seconds) tolerates small clock differences between the
-    backend that issued the token and the broker.
+    backend that issued the token and the broker, at its expiry.
+    ``iat_leeway`` (seconds, at most ``leeway``): how far its issue time may
+    be ahead of the broker's clock.  Revocations refuse tokens by issue
+    time, so a token stamped ahead by an issuer whose clock runs fast, and
+    not in use at a revocation up to now, logs in after it while its issue
+    time is ahead of the revocation: this bounds that window (a new user's
+    trial found 30 s too wide).
     """
 
-    __slots__ = ("_key", "_leeway")
+    __slots__ = ("_key", "_leeway", "_iat_leeway")
 
-    def __init__(self, secret: Union[str, bytes], *, leeway: float = 30.0) -> None:
+    def __init__(self, secret: Union[str, bytes], *, leeway: float = 30.0, iat_leeway: float = 5.0) -> None:
         self._key = _key(secret)
-        if isinstance(leeway, bool) or not isinstance(leeway, (int, float)) or not 0 <= leeway < _MAX_TOKEN_SECONDS:
-            raise ValueError(f"the token leeway must be a number of seconds from 0 to {_MAX_TOKEN_SECONDS}, not {leeway!r}")
+        for name, value in (("leeway", leeway), ("iat_leeway", iat_leeway)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < _MAX_TOKEN_SECONDS:
+                raise ValueError(f"the token {name} must be a number of seconds from 0 to {_MAX_TOKEN_SECONDS},"
+                                 f" not {value!r}")
         # (µs, an int: added to a token's expiry made µs, exactly.)
         self._leeway = int(leeway * 1_000_000)
+        self._iat_leeway = min(self._leeway, int(iat_leeway * 1_000_000))
 
     def __call__(self, token: bytes, now: int) -> Identity:
         try:
@@ -133,13 +142,13 @@ class JwtAuthenticator:
             raise AuthError("token issue time is not a number")
         # A token without iat counts as issued at 0: any revocation ends it.
         issued_at = _token_us(iat, "token issue time", rounded=True) if iat is not None else 0
-        if issued_at > now + self._leeway:
+        if issued_at > now + self._iat_leeway:
             # Revocations and purges refuse tokens issued up to their time:
             # one stamped later by an issuer whose clock runs ahead would
             # survive them (a new user's trial), as RFC 7519 lets a
             # recipient refuse (PyJWT: ImmatureSignatureError).
             raise AuthError(f"token was issued in the future: its iat is {_seconds(issued_at - now)} s ahead of the"
-                            f" broker's clock (leeway {_seconds(self._leeway)} s); the issuer's clock is ahead")
+                            f" broker's clock (leeway {_seconds(self._iat_leeway)} s); the issuer's clock is ahead")
         return Identity(user, device, expires=expires, issued_at=issued_at)
 
 

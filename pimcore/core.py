@@ -2323,12 +2323,26 @@ class Broker:
         """Cluster hint: the host revoked ``user``'s tokens (only
         ``device``'s if given) issued before ``before`` (µs) on another node,
         durably.  The sessions here that used one end with
-        ``Close(TOKEN_REVOKED)``, as :meth:`revoke` ends them on its node;
-        nothing is stored (the other node did)."""
+        ``Close(TOKEN_REVOKED)``, as :meth:`revoke` ends them on its node,
+        and so do those on connections opened before ``before`` whatever
+        their token's iat (stored then: the bound over those iats)."""
         out: list[Command] = []
         key = (user, device or "")
-        self._revoked[key] = max(self._revoked.get(key, 0), before)
-        self._close_revoked(user, device, before, out)
+        # A live session here on a connection opened before the bound used a
+        # token issued before it, whatever its iat says (an issuer whose
+        # clock runs ahead, within the authenticator's iat leeway): ended,
+        # and the bound raised over that iat -- stored, as :meth:`revoke`
+        # does on its node (a new user's trial: such a session outlived a
+        # revocation through another node, and its token logged in again).
+        raised = before
+        for c in self._conns.values():
+            if (c.state is _ConnState.ACTIVE and c.user == user and (device is None or c.device == device)
+                    and c.opened <= before):
+                raised = max(raised, c.issued_at + 1)
+        self._revoked[key] = max(self._revoked.get(key, 0), raised)
+        self._close_revoked(user, device, raised, out)
+        if raised > before:
+            self._propose(RevokeTokens(user, device or "", raised), None)
         self._maybe_commit(out, now)
         return out
 

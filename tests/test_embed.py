@@ -750,15 +750,15 @@ async def test_a_token_from_a_clock_ahead_is_revoked_with_its_session_and_one_to
             with pytest.raises(AuthFailed, match="issued in the future"):
                 async with open_client(im.urls[0], far, "phone"):
                     pass  # pragma: no cover
-            near = issue_token("s" * 32, "alice", now=time.time() + 20)  # (within the 30 s leeway)
+            near = issue_token("s" * 32, "alice", now=time.time() + 4)  # (within the 5 s leeway)
             async with open_client(im.urls[0], near, "phone") as alice:
-                assert await im.revoke("alice") > int(time.time() * 1e6) + 10_000_000  # (the bound covers its iat)
+                assert await im.revoke("alice") > int(time.time() * 1e6) + 3_000_000  # (the bound covers its iat)
                 with pytest.raises(AuthFailed, match="revoked"):
                     await alice.send(AB, b"still here?")
             with pytest.raises(AuthFailed):
                 async with open_client(im.urls[0], near, "phone"):
                     pass  # pragma: no cover
-            bob = issue_token("s" * 32, "bob", now=time.time() + 20)
+            bob = issue_token("s" * 32, "bob", now=time.time() + 4)
             async with open_client(im.urls[0], bob, "phone") as client:
                 await client.send(AB, b"hi")
                 await im.purge_user("bob")

@@ -199,3 +199,19 @@ def test_purging_a_user_refuses_the_tokens_of_their_live_sessions_whatever_their
     assert h.closed[phone].code is CloseCode.KICKED
     again = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
     assert h.closed[again].code is CloseCode.TOKEN_REVOKED
+
+
+def test_a_revocation_from_another_node_ends_the_sessions_here_whatever_their_token_says_of_its_issue(h, store):
+    # A new user's trial (HIGH): over a Redis cluster, revoke through node A
+    # left a session on node B open whose token's iat was ahead of the
+    # clocks (and the token logged in again on both).  B ends every live
+    # session that opened before the revocation's bound, raises the bound
+    # over their iat, and stores it.
+    ahead = h.now + 4_000_000
+    phone = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
+    later = h.now + 1
+    h.run(h.broker.revoked_elsewhere("alice", None, h.now, later))
+    assert h.closed[phone].code is CloseCode.TOKEN_REVOKED
+    assert store.revoked_before("alice", "phone") == ahead + 1  # (durable: a restart of this node keeps it)
+    again = h.login("alice", "phone", token=b"issued:%d:alice" % ahead)
+    assert h.closed[again].code is CloseCode.TOKEN_REVOKED

@@ -1034,15 +1034,17 @@ def test_a_token_issued_in_the_future_beyond_the_leeway_is_refused_in_words():
     from pimcore.errors import AuthError
 
     now = int(time.time())
-    auth = JwtAuthenticator(SECRET)  # (leeway 30 s)
-    assert auth(_timed_token("iat", now + 29).encode(), now * 1_000_000).issued_at == (now + 29) * 1_000_000
-    for ahead in (31, 300, 11 * 86_400):
+    auth = JwtAuthenticator(SECRET)  # (iat_leeway 5 s: a token not in use at a revocation outlives it that long at most)
+    assert auth(_timed_token("iat", now + 5).encode(), now * 1_000_000).issued_at == (now + 5) * 1_000_000
+    for ahead in (6, 300, 11 * 86_400):
         with pytest.raises(AuthError) as err:
             auth(_timed_token("iat", now + ahead).encode(), now * 1_000_000)
         assert str(err.value) == (f"token was issued in the future: its iat is {ahead} s ahead of the broker's clock"
-                                  " (leeway 30 s); the issuer's clock is ahead"), str(err.value)
+                                  " (leeway 5 s); the issuer's clock is ahead"), str(err.value)
     with pytest.raises(AuthError, match="issued in the future"):
-        JwtAuthenticator(SECRET, leeway=0)(_timed_token("iat", now + 1).encode(), now * 1_000_000)
+        JwtAuthenticator(SECRET, iat_leeway=0)(_timed_token("iat", now + 1).encode(), now * 1_000_000)
+    with pytest.raises(AuthError, match=r"\(leeway 2 s\)"):  # (never more than the expiry's)
+        JwtAuthenticator(SECRET, leeway=2, iat_leeway=5)(_timed_token("iat", now + 3).encode(), now * 1_000_000)
 
 
 @pytest.mark.parametrize("leeway", [float("nan"), float("inf"), -1.0, 1e300])
