@@ -1161,6 +1161,11 @@ class ClientSession:
         if not self._local_id_base:
             self._local_id_base = now
         lid = max(self._last_local_id + 1, self._local_id_base)
+        if lid >= 1 << 64:
+            # (After an explicit 2**64-1 every send failed with the codec's
+            # "does not fit in 64 bits": a new user's trial.)
+            raise EncodeError(f"no local id is left above the last one taken ({self._last_local_id}, 2**64-1):"
+                              " give local_id")
         self._last_local_id = lid
         return lid
 

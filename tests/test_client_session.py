@@ -2221,3 +2221,16 @@ def test_a_group_purge_forgets_the_seqs_seen_so_the_next_send_answers_nothing_pu
     b.feed(T0, F.ConvPurged(CONV, 2, False))
     s.send(CONV, b"1:1 again", T0)
     assert [r.after_seq for r in b.read() if isinstance(r, F.SendReq)] == [2, 2]  # type: ignore[attr-defined]
+
+
+def test_after_the_last_local_id_a_send_says_none_is_left_and_nothing_changes():
+    # A new user's trial: after send(local_id=2**64-1) every send the SDK
+    # numbered itself failed with the codec's "does not fit in 64 bits".
+    s = session()
+    b = connect(s, T0)
+    s.send(CONV, b"last", T0, local_id=(1 << 64) - 1)
+    b.read()
+    for _ in range(2):
+        with pytest.raises(EncodeError, match=r"no local id is left above the last one taken .*: give local_id"):
+            s.send(CONV, b"next", T0)
+    assert s.send(CONV, b"given", T0, local_id=7) == 7 and b.read()
