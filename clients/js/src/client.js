@@ -396,7 +396,7 @@ function checkOptions(o) {
     if (!Number.isSafeInteger(o[name]) || o[name] < 0) throw new RangeError(`${name} must be an integer >= 0, not ${JSON.stringify(o[name])}`);
   }
   if (typeof o.reconnect !== 'boolean') throw new TypeError(`reconnect must be true or false, not ${JSON.stringify(o.reconnect)}`);
-  if (typeof o.device !== 'string' || !o.device) throw new TypeError(`device must be a string (this installation's id), not ${JSON.stringify(o.device)}`);
+  if (typeof o.device !== 'string') throw new TypeError(`device must be a string (this installation's id), not ${JSON.stringify(o.device)}`);
   // (The broker refuses it at login, which the client said as AuthFailed -- "authentication": a new user's trial.)
   if (!validId(o.device)) throw new RangeError(`device ${showValue(o.device)} is no device id: 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -`);
   const z = o.compression;

@@ -471,7 +471,9 @@ test('option values are checked by the constructor, naming the option', () => {
   // at connect(); connectTimeout: '100', reconnect: 'no' and compression: true were taken as they were.
   const bad = [
     [{ viewLimit: -1 }, RangeError, /viewLimit must be an integer >= 0/], [{ viewLimit: 1.5 }, RangeError, /viewLimit/],
-    [{ device: 5 }, TypeError, /device must be a string/], [{ device: '' }, TypeError, /device must be a string/],
+    [{ device: 5 }, TypeError, /device must be a string/], [{ device: '' }, RangeError, /device '' is no device id/],
+    // (Quoted with control and bidi characters escaped: a trial's error showed them raw.)
+    [{ device: 'a\u0000b\u202e' }, RangeError, /device 'a\\u0000b\\u202e' is no device id/],
     // (A malformed id came back as AuthFailed after a round trip: a new user's trial.)
     [{ device: 'a b' }, RangeError, /device 'a b' is no device id: 1-64 ASCII/], [{ device: 'x'.repeat(65) }, RangeError, /no device id/],
     [{ connectTimeout: '100' }, TypeError, /connectTimeout must be a number of ms/], [{ connectTimeout: -5 }, RangeError, /connectTimeout must be a number of ms >= 0/],

@@ -403,7 +403,9 @@ const CONV_RE = /^[!-~]{1,131}$/;
 
 /** A value quoted for a message, cut short (a refusal never quotes 1 MiB of id). */
 export function showValue(v) {
-  const t = String(v);
+  // (Control and bidirectional-override characters escaped: a trial's error quoted a raw NUL and U+202E.)
+  const t = String(v).replace(/[\u0000-\u001f\u007f\u202a-\u202e\u2066-\u2069]/g,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
   return t.length > 70 ? `'${t.slice(0, 70)}'...(${t.length} chars)` : `'${t}'`;
 }
 
