@@ -428,6 +428,19 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+def _say(text: str) -> None:
+    """One of serve's progress lines on stdout.  A reader that went away (a
+    pipe whose other end died: ``| tee`` killed) does not fail the broker:
+    the lines after it go nowhere (a new operator's trial: SIGTERM then
+    exited 1 on "Broken pipe", so a supervisor saw a failure)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _in_use(settings: Any, holder: str) -> str:
     """serve's refusal of a data directory whose store another broker holds."""
     return (f"pimcore serve: the data directory {settings.data_dir} is in use by {holder}"
@@ -582,12 +595,12 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                     await nursery.start(http.run)
                     assert http.url is not None  # set once listening
                     urls.append(http.url)
-                print(f"pimcore {__version__} ({pimcore.BACKEND} backend), {where}", flush=True)
+                _say(f"pimcore {__version__} ({pimcore.BACKEND} backend), {where}")
                 for url in urls:
-                    print(f"listening on {url}", flush=True)
+                    _say(f"listening on {url}")
                 if web:
-                    print(f"web demo on {http.url}/web/" + (" (--demo: it mints tokens for ANY user: never expose it)"
-                                                             if args.demo else ""), flush=True)
+                    _say(f"web demo on {http.url}/web/" + (" (--demo: it mints tokens for ANY user: never expose it)"
+                                                            if args.demo else ""))
                 start.ready = True
                 if settings.store is None:
                     note.unlink(missing_ok=True)  # this data dir is LMDB's again
@@ -619,10 +632,10 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
                         "$PIMCORE_API_KEY is set, but it is the key pimcore's --http commands send, not one this"
                         " broker takes: they will get 401. Give it in api_keys or $PIMCORE_API_KEYS to accept it",
                         extra={"event": "api_key_not_taken"})
-                print("ready; Ctrl-C to stop", flush=True)
+                _say("ready; Ctrl-C to stop")
                 _tune_collector()
                 async for sig in signals:
-                    print(f"{signal.Signals(sig).name}: shutting down", flush=True)
+                    _say(f"{signal.Signals(sig).name}: shutting down")
                     break
                 if http_config is not None:  # long-polls answered (503), streams ended, within request_timeout
                     await http.shutdown()
@@ -630,9 +643,9 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
             # open_broker_server's exit: stop accepting, finish the batch in
             # flight, Close(SHUTDOWN) every connection.
             st = server.statistics()
-            print(f"served {st.accepted} connections: {st.broker.messages_stored} messages stored in {st.broker.batches}"
-                  f" batches ({st.broker.duplicates} duplicates, {st.broker.pushes} pushes,"
-                  f" {st.commit_seconds:.2f} s committing)", flush=True)
+            _say(f"served {st.accepted} connections: {st.broker.messages_stored} messages stored in {st.broker.batches}"
+                 f" batches ({st.broker.duplicates} duplicates, {st.broker.pushes} pushes,"
+                 f" {st.commit_seconds:.2f} s committing)")
 
     try:
         with unwrap_single():
@@ -647,7 +660,7 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
     finally:
         if isinstance(store, LmdbStore):
             store.close()
-    print("stopped", flush=True)
+    _say("stopped")
     return 0
 
 

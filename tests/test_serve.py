@@ -184,6 +184,32 @@ async def test_signal_stops_gracefully_and_clients_see_shutdown(tmp_path: Path, 
         assert "Traceback" not in "\n".join(server.err), server.describe()
 
 
+def test_a_reader_of_stdout_that_went_away_does_not_fail_the_shutdown(tmp_path: Path) -> None:
+    """A new operator's trial: `pimcore serve | tee log` with tee killed --
+    SIGTERM then exited 1 with "Broken pipe", and a supervisor saw a
+    failure.  The lines after the reader went go nowhere; the exit is 0."""
+    import subprocess
+
+    from _proc import PIMCORE, _env
+
+    proc = subprocess.Popen([*PIMCORE, "serve", "--listen", LOOPBACK, "--data-dir", str(tmp_path / "d")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env())
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:  # (until it serves)
+            if line.startswith(b"ready"):
+                break
+        proc.stdout.close()  # the reader goes away
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read().decode()
+        err = proc.stderr.read().decode()
+        assert "Broken pipe" not in err and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------- configuration file
 
 
