@@ -77,6 +77,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         except OSError:
             pass
     if path is None:
+        try:  # (a Redis node's directory: its data is in Redis -- a new operator's trial)
+            redis = (root / _REDIS_NOTE).read_text().split()[0]
+        except (OSError, IndexError):
+            redis = None
+        if redis is not None:
+            print(f"pimcore inspect: the broker keeps its data in Redis ({redis}); this command reads the embedded"
+                  " LMDB store only: use the HTTP API (docs/HTTP.md) or redis-cli", file=sys.stderr)
+            return EXIT_REFUSED
         print(f"pimcore inspect: no pimcore store in {root} (give the data directory of `pimcore serve`,"
               " which holds store/, or that store/ directory)", file=sys.stderr)
         return EXIT_REFUSED

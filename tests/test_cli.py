@@ -66,6 +66,17 @@ def test_inspect_refuses_a_missing_directory(tmp_path, capsys):
     assert not (tmp_path / "nothing-here").exists()  # inspecting never creates
 
 
+def test_inspect_of_a_redis_nodes_data_directory_says_where_its_data_is(tmp_path, capsys):
+    # A new operator's trial: it said "no pimcore store in DIR", where group,
+    # purge and retention say the data is in Redis.
+    from pimcore.embed import REDIS_NOTE
+
+    (tmp_path / REDIS_NOTE).write_text("redis://127.0.0.1:7000 pimcore\n")  # (as serve --store leaves it)
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "keeps its data in Redis (redis://127.0.0.1:7000)" in err and "HTTP API" in err, err
+
+
 def test_a_content_filter_module_next_to_the_config_file_is_found(tmp_path, monkeypatch):
     from pimcore.config import load_settings
 
