@@ -568,6 +568,15 @@ class Client:
         self._ssl = ssl_context
         self._on_connect_retry = on_connect_retry
         #: The device clock (µs): ``clock`` if given, else an AnchoredClock.
+        if clock is not None:
+            # (Asked once now: time.time -- float seconds -- failed only at
+            # the first send, far from the call that gave it: a trial.)
+            if not callable(clock):
+                raise TypeError(f"open_client: clock must be a callable returning µs (an int), not {type(clock).__name__}")
+            first = clock()
+            if not isinstance(first, int) or isinstance(first, bool):
+                raise TypeError(f"open_client: clock must return µs as an int (e.g. time.time_ns() // 1000), not"
+                                f" {type(first).__name__} {first!r}")
         self._clock: Callable[[], int] = AnchoredClock() if clock is None else clock
         self._rng = random.Random(seed)
         self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch, sent=sent)
