@@ -416,6 +416,19 @@ def test_reused_msg_id_fails_only_that_op(store: Store, mk: Maker) -> None:
     assert isinstance(mk.commit(store, mk(AB, "bob", local_id=clash.local_id))[0], Appended)
 
 
+def test_msg_id_stored_in_another_conversation_fails_only_that_op(store: Store, mk: Maker) -> None:
+    # (The Redis store tells a msg id stored in this conversation -- maybe
+    # this very message, finished by another node -- from one stored in
+    # another, which only a broken clock makes.)
+    store.create_group(GROUP, ["alice", "bob"], 1)
+    first = mk(AB, "alice", server_time=700)
+    mk.commit(store, first)
+    clash = mk(GROUP, "bob", server_time=700)
+    assert mk.commit(store, clash) == (Rejected(ErrorCode.INTERNAL),)
+    assert store.history(GROUP, 0, 10) == [] and not store.deduped("bob", "phone", clash.local_id)
+    assert store.message(first.msg_id).conv == AB  # type: ignore[union-attr]
+
+
 def test_msg_id_stored_by_an_earlier_commit_fails_only_that_op(store: Store, mk: Maker) -> None:
     first = mk(AB, "alice", server_time=500)
     mk.commit(store, first)

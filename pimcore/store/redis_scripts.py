@@ -1164,9 +1164,9 @@ class ClusterOps:
             claim = _claim(op)
             rnd.script("CLAIM", (s._k_user(op.sender),), (f"d:{op.device}/{op.local_id}", claim))
             mkey = s._k_msg(op.msg_id)
-            rnd.raw(mkey, "HEXISTS", mkey, "r")  # a msg id stored before: a broken clock
+            rnd.raw(mkey, "HGET", mkey, "r")  # a msg id stored before ("SEQ:CONV"): see below
         answers = await self.run(rnd)
-        claims, taken = answers[0::2], answers[1::2]
+        claims, stored_at = answers[0::2], answers[1::2]
         # What each send stores: (index, op, msg_id, server_time); a claim of
         # an earlier attempt is finished with ITS msg id and server time.
         todo: list[tuple[int, NewMessage, bytes, int]] = []
@@ -1174,21 +1174,18 @@ class ClusterOps:
         replays: set[int] = set()
         undo = _Round()
         batch_ids: set[bytes] = set()
-        for i, prior, used in zip(idx, claims, taken):
+        for i, prior, at in zip(idx, claims, stored_at):
             op = ops[i]
             key = (op.sender, op.device, op.local_id)
-            if prior is None and used and op.msg_id not in batch_ids and key not in claimed:
-                # Claimed fresh, yet the msg id is stored: another node that
-                # found the claim in between stored this message under it (one
-                # post with one idempotency key through two nodes at once: a
-                # new operator's trial saw it refused, its dedupe record
-                # deleted and the retry stored again) -- or a broken clock.
-                # SEND tells them apart: -3 below is the broken clock.
-                batch_ids.add(op.msg_id)
-                claimed[key] = (i, op.digest)
-                todo.append((i, op, op.msg_id, op.server_time))
-                continue
-            if prior is None and (used or op.msg_id in batch_ids) and key not in claimed:
+            # Claimed fresh, yet the msg id is stored in this conversation:
+            # another node that found the claim in between may have stored
+            # this very message under it (one post with one idempotency key
+            # through two nodes at once: a new operator's trial saw it
+            # refused, its dedupe record deleted and the retry stored again)
+            # -- or a broken clock made it another's.  SEND tells them apart
+            # (-3 below); stored in another conversation, it is the clock.
+            elsewhere = at is not None and at.decode().split(":", 1)[1] != op.conv
+            if prior is None and (elsewhere or op.msg_id in batch_ids) and key not in claimed:
                 # A broken clock; the conversation checks come first (as in
                 # the memory store): only a send that would be stored fails
                 # with INTERNAL.
@@ -2486,12 +2483,11 @@ class _Fanout:
                         continue
                     # Seqs are taken with their entry (SEND, CHANGE), and
                     # only retention and purges remove one, up to the floor:
-                    # the read reached a node without the write (a master
-                    # restarted under traffic answers until it learns it was
-                    # failed over -- a new operator's trial lost a run of
-                    # acked messages from an inbox here, delivering past
-                    # them).  This fan-out fails; a retry or the outbox
-                    # sweep delivers in order.
+                    # the read reached a node without the write (e.g. a
+                    # master restarted under traffic, answering until it
+                    # learns it was failed over).  Skipping it would deliver
+                    # past it for good; this fan-out fails instead, and a
+                    # retry or the outbox sweep delivers in order.
                     raise StoreError(f"Redis: {conv!r} seq {q} (to {user!r}) is missing above its history floor"
                                      f" {floor}: a node answered without a write it had acknowledged; fan-out not done")
                 m = _dec_msg(b)
