@@ -566,15 +566,14 @@ def fan_out_later() -> Iterator[None]:
 
 
 async def test_a_backfill_that_reads_no_entry_above_the_history_floor_delivers_nothing_past_it(redis_cluster) -> None:
-    """A new operator's trial (HIGH): a Redis master killed and restarted
-    under traffic between two nodes left a run of 58-290 acked messages out
-    of the peer's inbox for good (its last delivered seq past them, its
-    head below).  A fan-out that meets a gap backfills it from the
-    conversation's log; a log entry it read as absent was taken for one
-    removed by retention or a purge and skipped -- but the read had reached
-    a node without the write (the restarted master, before it learned it
-    had been failed over).  Absent above the history floor is no removal:
-    the fan-out fails (a retry, or the outbox sweep, delivers in order)."""
+    """A fan-out that meets a gap backfills it from the conversation's log;
+    a log entry it read as absent was taken for one removed by retention or
+    a purge and skipped, delivering past it for good.  A read can reach a
+    node without the write (a master restarted under traffic answers until
+    it learns it was failed over: looked for while chasing a new operator's
+    trial, whose loss turned out to be the next test's).  Absent above the
+    history floor is no removal: the fan-out fails (a retry, or the outbox
+    sweep, delivers in order)."""
     from pimcore.errors import StoreError
     from pimcore.store import Appended
     from pimcore.store import redis_scripts
