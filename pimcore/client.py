@@ -577,6 +577,8 @@ class Client:
             if not isinstance(first, int) or isinstance(first, bool):
                 raise TypeError(f"open_client: clock must return µs as an int (e.g. time.time_ns() // 1000), not"
                                 f" {type(first).__name__} {first!r}")
+            if first < 1:  # (0 or below hung sends, or restarted local ids at 1 on every run: a trial)
+                raise ValueError(f"open_client: clock must return µs since 1970 (>= 1), not {first}")
         self._clock: Callable[[], int] = AnchoredClock() if clock is None else clock
         self._rng = random.Random(seed)
         self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch, sent=sent)

@@ -788,7 +788,12 @@ class Pimcore:
         """Refuse ``user``'s tokens (only ``device``'s if given) issued before
         ``before`` (µs since the epoch; default now), durably, and end the
         live sessions that used one (Close(TOKEN_REVOKED)).  Tokens issued
-        afterwards work.  Returns the revocation time in force (µs).  Raises
+        afterwards work -- after the returned bound: when a live session's
+        token was stamped ahead (an issuer's clock up to the authenticator's
+        5 s ahead), the bound moves past that stamp, so a token issued in
+        those few seconds is refused too; issue the next one with
+        ``issue_token(..., now=bound / 1e6)`` or later.  Returns the
+        revocation time in force (µs).  Raises
         RequestRefused (BAD_REQUEST: an invalid id -- ``""`` too, omit
         ``device`` for all devices --, ``before`` 0, which would revoke no
         token (the C ABI's 0 means now: here omit it), or ``before`` later

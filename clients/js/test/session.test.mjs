@@ -512,6 +512,12 @@ test('a clock that returns no number fails connect() (never Node), and per-call 
     await assert.rejects(c.connect(), (e) => e instanceof TypeError && /now\(\) must return µs/.test(e.message), String(bad));
     assert.equal(c.state, 'CLOSED');
   }
+  // (A clock at 0 or below hung sends, or restarted local ids at 1 on every run: a new user's trial.)
+  for (const bad of [0, -5]) {
+    const c = make({ now: () => bad });
+    await assert.rejects(c.connect(), (e) => e instanceof RangeError && /now\(\) must return µs since 1970/.test(e.message), String(bad));
+    assert.equal(c.state, 'CLOSED');
+  }
   const c = make();
   const { ws } = await connected(c);
   await assert.rejects(c.subscribePresence('bob'), (e) => e instanceof TypeError && /users must be an array of user ids/.test(e.message));

@@ -429,6 +429,8 @@ export class PimcoreClient {
       const v = clock();
       // (NaN reached the Login's encoder, which threw outside connect()'s promise: Node exited -- a trial.)
       if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`now() must return µs (a finite number), not ${v}`);
+      // (A clock at 0 or below hung sends, or restarted local ids at 1 on every run: a new user's trial.)
+      if (!(v >= 1)) throw new RangeError(`now() must return µs since 1970 (>= 1), not ${v}`);
       return Math.floor(v);
     };
     // Timers run on session time (_sessionNow): the device clock plus a skew, never backwards.
