@@ -434,6 +434,11 @@ class _Waiter:
         self.outcome: Optional[Completion] = None
 
 
+#: The last µs of the year 9999: a device clock above it is in ns (or worse).
+#: (Not a check for ms: a device whose clock lost its battery reads 1970.)
+_CLOCK_MAX = 253_402_300_799_999_999
+
+
 class AnchoredClock:
     """The SDK's default device clock (µs): the wall clock read once, when the
     clock is made, plus the monotonic time elapsed since.
@@ -579,6 +584,9 @@ class Client:
                                 f" {type(first).__name__} {first!r}")
             if first < 1:  # (0 or below hung sends, or restarted local ids at 1 on every run: a trial)
                 raise ValueError(f"open_client: clock must return µs since 1970 (>= 1), not {first}")
+            if first > _CLOCK_MAX:  # (ns was taken: deadlines ran 1000x fast, stamps years ahead -- a trial)
+                raise ValueError(f"open_client: clock must return µs since 1970, not ns: {first} is after the year 9999"
+                                 " (e.g. time.time_ns() // 1000)")
         self._clock: Callable[[], int] = AnchoredClock() if clock is None else clock
         self._rng = random.Random(seed)
         self._session = ClientSession(device, config, seed=seed, position=position, epoch=epoch, sent=sent)

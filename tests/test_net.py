@@ -4380,6 +4380,8 @@ async def test_mentions_given_to_the_client_as_one_string_are_refused_at_the_cal
     (5, "clock must be a callable returning µs"),
     (lambda: -5, r"clock must return µs since 1970 \(>= 1\), not -5"),
     (lambda: 0, r"clock must return µs since 1970 \(>= 1\), not 0"),
+    # (A trial: a clock in ns was taken -- deadlines ran 1000x fast, stamps were years ahead.)
+    (time.time_ns, r"clock must return µs since 1970, not ns: \d+ is after the year 9999"),
 ])
 async def test_a_clock_that_gives_no_int_is_a_type_error_at_the_call(lmdb_store, clock, said):
     # A new user's trial: clock=time.time (float seconds) was taken, and the

@@ -331,6 +331,8 @@ function payloadBytes(p) {
   throw new EncodeError(`payload must be a string, Uint8Array, ArrayBuffer or ArrayBuffer view, not ${p === null ? 'null' : typeof p}`);
 }
 
+const CLOCK_MAX = 253_402_300_799_999_999; // the last µs of the year 9999: a device clock above it is in ns
+
 // The default device clock (µs), one per client: the wall clock read once,
 // when the client is made, plus the monotonic time elapsed since
 // (performance.now(); Date.now() alone where there is none).  Every deadline
@@ -431,6 +433,9 @@ export class PimcoreClient {
       if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`now() must return µs (a finite number), not ${v}`);
       // (A clock at 0 or below hung sends, or restarted local ids at 1 on every run: a new user's trial.)
       if (!(v >= 1)) throw new RangeError(`now() must return µs since 1970 (>= 1), not ${v}`);
+      // (One in ns was taken: deadlines ran 1000x fast and stamps were years ahead -- a trial.  No check for ms:
+      // a device whose clock lost its battery reads 1970.)
+      if (v > CLOCK_MAX) throw new RangeError(`now() must return µs since 1970, not ns: ${v} is after the year 9999 (e.g. Date.now() * 1000)`);
       return Math.floor(v);
     };
     // Timers run on session time (_sessionNow): the device clock plus a skew, never backwards.

@@ -518,6 +518,12 @@ test('a clock that returns no number fails connect() (never Node), and per-call 
     await assert.rejects(c.connect(), (e) => e instanceof RangeError && /now\(\) must return µs since 1970/.test(e.message), String(bad));
     assert.equal(c.state, 'CLOSED');
   }
+  // (A clock in ns was taken: deadlines ran 1000x fast and stamps were years ahead -- a trial.)
+  {
+    const c = make({ now: () => Date.now() * 1e6 });
+    await assert.rejects(c.connect(), (e) => e instanceof RangeError && /now\(\) must return µs since 1970, not ns: \d+ is after the year 9999/.test(e.message));
+    assert.equal(c.state, 'CLOSED');
+  }
   const c = make();
   const { ws } = await connected(c);
   await assert.rejects(c.subscribePresence('bob'), (e) => e instanceof TypeError && /users must be an array of user ids/.test(e.message));
