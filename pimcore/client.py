@@ -819,7 +819,10 @@ class Client:
 
     async def events(self) -> AsyncIterator[Event]:
         """Everything that happens, in order.  Taking a MessageReceived from
-        this iterator is what lets the SDK acknowledge it."""
+        this iterator is what lets the SDK acknowledge it.  After the client
+        closed it still yields what had arrived before, then ends; a message
+        taken then is acknowledged to nobody, so the next login of the device
+        gets it again (at least once, never lost)."""
         s = self._session
         while True:
             ev = s.next_event(self._clock())

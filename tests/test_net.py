@@ -33,6 +33,7 @@ from pimcore.client import (
     ClientConfig,
     ConnectFailed,
     Disconnected,
+    MessageReceived,
     ReadStateChanged,
     ReceiptReceived,
     BrokerRefused,
@@ -4391,3 +4392,23 @@ async def test_a_clock_that_gives_no_int_is_a_type_error_at_the_call(lmdb_store,
             with pytest.raises((TypeError, ValueError), match=said):  # (ValueError: a value out of range)
                 async with open_client(srv.urls[0], token("alice"), "phone", config=FAST_CLIENT, clock=clock):
                     pass  # pragma: no cover
+
+
+async def test_events_after_close_yield_what_had_arrived_and_the_next_login_gets_it_again(lmdb_store):
+    # A new user's trial asked whether events() after close is a bug: it
+    # yields what had arrived, then ends; nothing taken then is acknowledged,
+    # so the device's next login gets the message again (at least once).
+    with trio.fail_after(20):
+        async with serving(lmdb_store) as srv:
+            async with client(srv.url(), "bob") as b:
+                async with client(srv.url(), "alice") as a:
+                    sent = await a.send(AB, b"while bob did not look")
+                with trio.fail_after(5):
+                    while not b.view(AB):  # (received: queued, not taken)
+                        await trio.sleep(0.01)
+            got = [ev.message.seq async for ev in b.events() if isinstance(ev, MessageReceived)]
+            assert got == [sent.seq]
+            async with client(srv.url(), "bob") as b2:
+                with trio.fail_after(5):
+                    again = await b2.receive()
+                assert (again.conv, again.seq, again.payload) == (AB, sent.seq, b"while bob did not look")
