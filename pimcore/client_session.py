@@ -218,7 +218,13 @@ class ClientError(PimError):
 
 class SendError(ClientError):
     """The broker refused the message for good (``code`` says why;
-    ``reason``: the broker's words, e.g. a content filter's, or "")."""
+    ``reason``: the broker's words, e.g. a content filter's, or "").
+
+    Also what a refused request other than a send raises -- a history or
+    readers read, conversation settings, a presence subscription: then
+    ``local_id`` is 0 and the message names the request ("history of
+    'team': NOT_MEMBER: ...").  One class for every refusal, so a single
+    ``except SendError`` sees the broker's code wherever it answered no."""
 
     def __init__(self, code: ErrorCode, local_id: int, message: str = "", reason: str = "") -> None:
         super().__init__(message or f"send refused: {code.name}" + (f": {reason}" if reason else ""))
