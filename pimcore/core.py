@@ -2458,6 +2458,17 @@ class Broker:
         self._maybe_commit(out, now)
         return out
 
+    def revoked_before(self, user: str, device: Optional[str] = None) -> int:
+        """The revocation in force for ``user``'s tokens (``device``'s, if
+        given: the user's and that device's, whichever is later) as far as
+        this broker knows it since it started -- made here, or heard of from
+        another node -- in µs; 0 with none.  Not a store read: one stored
+        before a restart is not in it.  A token issued before it is refused
+        at login (``issued_at < revoked_before``)."""
+        revoked = self._revoked
+        bound = revoked.get((user, ""), 0)
+        return bound if device is None else max(bound, revoked.get((user, device), 0))
+
     def _live_issued(self, user: str, device: Optional[str]) -> int:
         """The latest issue time (µs) of the tokens ``user``'s live sessions
         (only ``device``'s if given) logged in with; -1 with none."""

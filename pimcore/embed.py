@@ -430,7 +430,10 @@ class Pimcore:
     def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
         """A login token for ``user`` (bound to ``device`` if given), valid for
         ``ttl`` seconds (1 .. :data:`MAX_TOKEN_TTL`, 366 days), signed with
-        the broker's secret.  Raises ValueError for invalid ids or ttl,
+        the broker's secret, issued now -- or at the revocation in force
+        for the user (or the device) when this broker knows one later than
+        now (:meth:`revoke`), so that a token issued right after a
+        revocation logs in.  Raises ValueError for invalid ids or ttl,
         RuntimeError if the broker was opened with its own authenticator (it
         has no secret to sign with)."""
         self.server.check_running()
@@ -439,7 +442,16 @@ class Pimcore:
         problem = token_ttl_problem(ttl)
         if problem is not None:
             raise ValueError(f"cannot issue a token: {problem}")
-        return issue_token(self._secret, user, device, ttl=ttl)
+        # Stamped at the revocation in force when this broker knows one later
+        # than now: revoke() moves its bound past a live session's token
+        # stamped ahead (up to the authenticator's 5 s), and a token stamped
+        # now was refused in those seconds (a new user's trial).  One more
+        # than 5 s ahead (revoke's before=, up to REVOKE_AHEAD) logs in once
+        # that is within 5 s; stamped now it never would.
+        issued = time.time()
+        bound = self.server.broker.revoked_before(user, device)
+        return issue_token(self._secret, user, device, ttl=ttl,
+                           now=bound / 1e6 if bound > issued * 1e6 else None)
 
     # ------------------------------------------------------------ groups
 
@@ -790,9 +802,10 @@ class Pimcore:
         live sessions that used one (Close(TOKEN_REVOKED)).  Tokens issued
         afterwards work -- after the returned bound: when a live session's
         token was stamped ahead (an issuer's clock up to the authenticator's
-        5 s ahead), the bound moves past that stamp, so a token issued in
-        those few seconds is refused too; issue the next one with
-        ``issue_token(..., now=bound / 1e6)`` or later.  Returns the
+        5 s ahead), the bound moves past that stamp, so a token stamped now
+        is refused in those few seconds: :meth:`issue_token` stamps its
+        tokens at the bound then; sign your own with
+        ``pimcore.auth.issue_token(..., now=bound / 1e6)`` or later.  Returns the
         revocation time in force (µs).  Raises
         RequestRefused (BAD_REQUEST: an invalid id -- ``""`` too, omit
         ``device`` for all devices --, ``before`` 0, which would revoke no
