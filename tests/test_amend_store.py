@@ -150,6 +150,43 @@ def test_who_may_amend_what_and_until_when(store: Store, mk: Maker) -> None:
     assert isinstance(d, Appended)
 
 
+def test_a_member_who_cannot_see_a_message_gets_none_of_its_amends(store: Store, mk: Maker) -> None:
+    # A new user's trial (HIGH): dave, added without history access, was
+    # pushed the EDIT entry of a message from before he joined -- with its
+    # new text -- read it in history, and saw the RECALL entry of another.
+    store.create_group(GROUP, ["alice", "bob"], now=1)
+    mk.commit(store, mk(GROUP, "alice", payload=b"launch code 1234"), mk(GROUP, "alice", payload=b"old"))  # 1, 2
+    store.add_members(GROUP, ["dave"], now=mk.time + 10)  # 3: JOINED
+    mk.time += 20
+    dave_head = store.inbox_head("dave")
+    (edit,) = mk.commit(store, amend(mk, GROUP, "alice", 1, EDIT, b"launch code is now 9999"))  # 4
+    (recall,) = mk.commit(store, amend(mk, GROUP, "alice", 2, RECALL))  # 5
+    assert (edit.seq, recall.seq) == (4, 5)
+    assert [u for u, _ in edit.positions] == [u for u, _ in recall.positions] == ["alice", "bob"]
+    assert store.inbox_head("dave") == dave_head
+    mk.commit(store, mk(GROUP, "bob", payload=b"welcome"))  # 6
+    # Nor does the next message bring them (Redis's fan-out fills the gap
+    # in his delivered seqs from the log: not with these).
+    assert [(m.seq, m.kind) for _, m in store.inbox_range("dave", 0, 10)] == [(3, MessageKind.JOINED), (6, 0)]
+    # His history skips them, and a page still fills up to its limit.
+    assert sorted(history(store, "dave", GROUP)) == [3, 6]
+    pages = store.read([ReadHistory(GROUP, "dave", 0, 2), ReadHistory(GROUP, "dave", 0, 2, True),
+                        ReadHistory(GROUP, "dave", 3, 1), ReadHistory(GROUP, "dave", 6, 1, True)])
+    assert [[m.seq for m in p.messages] for p in pages] == [[3, 6], [6, 3], [6], [3]]
+    assert sorted(history(store, "bob", GROUP)) == [1, 2, 3, 4, 5, 6]
+    # What he cannot see is no message of anyone's to him (not NOT_SENDER).
+    cases = [amend(mk, GROUP, "dave", 1, EDIT, b"x", device="d"), amend(mk, GROUP, "dave", 1, RECALL, device="d")]
+    assert mk.commit(store, *cases) == (Rejected(ErrorCode.NO_SUCH_MESSAGE),) * 2
+    # With history access a new member sees them all, amends included.
+    store.create_group("open", ["alice"], now=mk.time, history_visible=True)
+    mk.commit(store, mk("open", "alice", payload=b"v1"))  # 1
+    store.add_members("open", ["dave"], now=mk.time + 10)  # 2
+    mk.time += 20
+    (edit,) = mk.commit(store, amend(mk, "open", "alice", 1, EDIT, b"v2"))
+    assert [u for u, _ in edit.positions] == ["alice", "dave"]
+    assert sorted(history(store, "dave", "open")) == [1, 2, 3]
+
+
 def test_the_host_may_recall_or_edit_anything_but_not_delete(store: Store, mk: Maker) -> None:
     mk.commit(store, mk(AB, "alice", payload=b"m"))
     host = amend(mk, AB, "alice", 1, EDIT, b"moderated")

@@ -98,11 +98,12 @@ for the host's first ack, like inbox entries wait for a user's first device).
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from .. import ids
 from ..errors import ErrorCode, StoreError
@@ -210,6 +211,9 @@ __all__ = [
     "last_message_floor",
     "AMENDING",
     "page_seqs",
+    "iter_page_seqs",
+    "sees",
+    "hidden_amend",
     "AsyncStore",
     "WriteBatch",
     "Appended",
@@ -274,29 +278,38 @@ def page_seqs(ranges: Iterable[tuple[int, int]], last: int, from_seq: int, limit
     """The seqs of one history page restricted to ``ranges`` (ascending,
     inclusive): forward, seq > from_seq ascending; backward, seq < from_seq
     descending (from_seq <= 0: from ``last``).  At most ``limit``."""
-    out: list[int] = []
     if limit <= 0:
-        return out
+        return []
+    return list(itertools.islice(iter_page_seqs(ranges, last, from_seq, backward), limit))
+
+
+def iter_page_seqs(ranges: Iterable[tuple[int, int]], last: int, from_seq: int, backward: bool) -> Iterator[int]:
+    """:func:`page_seqs` without the limit, lazily: for a reader that skips
+    some seqs (:func:`hidden_amend`) and takes more until its page is full."""
     if backward:
         top = last if from_seq <= 0 else min(from_seq - 1, last)
         for lo, hi in sorted(ranges, reverse=True):
-            s = min(hi, top)
-            while s >= lo and len(out) < limit:
-                out.append(s)
-                s -= 1
-            if len(out) >= limit:
-                break
+            yield from range(min(hi, top), lo - 1, -1)
     else:
         start = max(from_seq, 0) + 1
         for lo, hi in sorted(ranges):
-            s = max(lo, start)
-            end = min(hi, last)
-            while s <= end and len(out) < limit:
-                out.append(s)
-                s += 1
-            if len(out) >= limit:
-                break
-    return out
+            yield from range(max(lo, start), min(hi, last) + 1)
+
+
+def sees(spans: Iterable[tuple[int, int]], history_visible: bool, seq: int) -> bool:
+    """May a user whose membership intervals are ``spans`` see seq ``seq``
+    of the conversation (:func:`visible_ranges`)?"""
+    return any(lo <= seq <= hi for lo, hi in visible_ranges(spans, history_visible))
+
+
+def hidden_amend(m: "StoredMessage", visible: Iterable[tuple[int, int]]) -> bool:
+    """Is ``m`` a RECALL or EDIT entry of a message its reader may not see
+    (``visible``: the reader's :func:`visible_ranges`, retention's floor not
+    applied)?  Such an entry goes to no inbox of theirs and history skips
+    it: a member added without history access was pushed the new text of a
+    message from before they joined, and shown that one was recalled (a new
+    user's trial)."""
+    return m.kind in AMENDING and not any(lo <= m.target <= hi for lo, hi in visible)
 
 
 def after_floor(ranges: Iterable[tuple[int, int]], floor: int) -> list[tuple[int, int]]:
@@ -622,12 +635,14 @@ class AmendMessage:
     * RECALL: the target is overwritten with :func:`amended` -- payload
       empty, ``recalled`` set (no payload is left in the store: an EDIT
       entry holds none of its own, see below) -- and a RECALL entry
-      (:func:`amend_entry`) takes the next seq and goes to every member's
-      inbox, like a message.
+      (:func:`amend_entry`) takes the next seq and goes to the inbox of
+      every member who may see the target (:func:`hidden_amend`), like a
+      message.
     * EDIT: the target's payload becomes ``payload``, ``edited`` =
       ``server_time``; an EDIT entry takes the next seq and goes to every
-      member.  The entry stores no payload: every read of it (inbox, history)
-      returns the target's payload at that time (empty once recalled).
+      member who may see the target.  The entry stores no payload: every
+      read of it (inbox, history) returns the target's payload at that
+      time (empty once recalled).
     * DELETE: the (sender, conv, target) deletion is recorded (history
       returns the target to that user with ``deleted`` set and no payload);
       the DELETE entry takes no seq (seq 0, not in the conversation) and goes
@@ -670,7 +685,9 @@ def amend_problem(
     one (DELETE; always true for the host); ``target`` -- the entry at seq
     ``op.target`` (None: no such seq); ``visible`` -- that seq is one the
     sender may see (:func:`visible_ranges`).  In this order: NOT_MEMBER,
-    NO_SUCH_MESSAGE (no such seq, not a MESSAGE, not visible), NOT_SENDER
+    NO_SUCH_MESSAGE (no such seq, not a MESSAGE, not visible to the
+    sender -- for RECALL/EDIT too, so it reveals nothing of a message
+    said before the sender joined), NOT_SENDER
     (RECALL/EDIT of another user's message by a user), RECALLED (RECALL/EDIT
     of a recalled message), TOO_LATE (outside ``op.window``); else OK."""
     if not member:
@@ -865,7 +882,8 @@ class ReadHistory:
     """A history page of ``conv`` for ``user`` (see :meth:`Store.history`
     for ``from_seq``/``backward``), at most ``limit`` entries, counting
     only the seqs ``user`` may see (:func:`visible_ranges`): a page skips
-    what was said while the user was not a member.  Access: a malformed id
+    what was said while the user was not a member, and the RECALL/EDIT
+    entries of messages they may not see (:func:`hidden_amend`).  Access: a malformed id
     -> code BAD_REQUEST; an unknown group -> UNKNOWN_CONVERSATION; ``user``
     never a member -> NOT_MEMBER (a former member keeps what they were
     shown; a 1:1 chat's members are its two users, from seq 1).

@@ -310,7 +310,9 @@ from .base import (
     last_message_floor,
     AMENDING,
     member_ranges,
-    page_seqs,
+    hidden_amend,
+    iter_page_seqs,
+    sees,
     visible_ranges,
     ReadHistory,
     ReadInbox,
@@ -3027,14 +3029,14 @@ class LmdbStore(Store):
         last = w.last_seq(ck)
         target = self._at(txn, ck, op.target) if op.target <= last else None
         member, visible = True, True
+        history_visible = info[1] is None and bool((self._group_flags(txn, ck) or 0) & _HISTORY_VISIBLE)
         if op.kind == MessageKind.DELETE:
             spans = self._spans_in(txn, ck, op.sender)
             member = bool(spans)
-            flags = self._group_flags(txn, ck) if info[1] is None else 0
-            ranges = visible_ranges(spans, bool((flags or 0) & _HISTORY_VISIBLE))
-            visible = any(lo <= op.target <= hi for lo, hi in ranges)
+            visible = sees(spans, history_visible, op.target)
         elif op.sender != SYSTEM:
             member = op.sender in conv.member_set
+            visible = sees(self._spans_in(txn, ck, op.sender), history_visible, op.target)
         code = amend_problem(op, member, target, visible)
         if code is not ErrorCode.OK:
             return Rejected(code)
@@ -3054,7 +3056,14 @@ class LmdbStore(Store):
                 # Never unread again: the index names it by its kind byte.
                 txn.put(tk, target.msg_id + bytes((int(MessageKind.RECALL),)) + target.sender.encode("ascii"), db=self._convidx)
             txn.put(ck + _U64.pack(seq), op.msg_id + bytes((int(op.kind),)) + op.sender.encode("ascii"), db=self._convidx)
+            # Only to the members who may see the target (base.hidden_amend):
+            # one spans read per member, for an amend (rare) of a group
+            # without history access.
             recipients = conv
+            if info[1] is None and not history_visible:
+                keep = [i for i, u in enumerate(conv.users) if sees(self._spans_in(txn, ck, u), False, op.target)]
+                if len(keep) != len(conv.users):
+                    recipients = _Conv(tuple(conv.users[i] for i in keep), tuple(conv.uks[i] for i in keep))
         entry = amend_entry(op, seq)
         txn.put(op.msg_id, _encode_entry(entry), db=self._msgs)
         positions = w.fanout(recipients, _INBOX.pack(op.msg_id, op.server_time))
@@ -4015,13 +4024,20 @@ class LmdbStore(Store):
         spans = self._spans_in(txn, ck, op.user)
         if not spans:
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
-        ranges = after_floor(visible_ranges(spans, bool(flags & _HISTORY_VISIBLE)), self._retention_in(txn, ck)[2])
-        page = []
-        for seq in page_seqs(ranges, self._last_seq(txn, ck), op.from_seq, op.limit, op.backward):
+        visible = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        ranges = after_floor(visible, self._retention_in(txn, ck)[2])
+        page: list[StoredMessage] = []
+        if op.limit <= 0:
+            return HistoryPage(ErrorCode.OK, ())
+        for seq in iter_page_seqs(ranges, self._last_seq(txn, ck), op.from_seq, op.backward):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)
             if ref is None:
                 raise StoreError(f"{op.conv!r} has no seq {seq} (store corrupt)")
-            page.append(self._load(txn, ref[:16], op.user))
+            m = self._load(txn, ref[:16], op.user)
+            if not hidden_amend(m, visible):
+                page.append(m)
+                if len(page) == op.limit:
+                    break
         return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers_in(self, txn: _Txn, op: ReadReaders) -> ReadersPage:

@@ -69,7 +69,10 @@ from .base import (
     last_visible,
     last_message_floor,
     member_ranges,
+    hidden_amend,
+    iter_page_seqs,
     page_seqs,
+    sees,
     visible_ranges,
     Acked,
     Appended,
@@ -375,13 +378,14 @@ class MemoryStore(Store):
         tid = self._conv_seq.get((op.conv, op.target)) if op.target <= last else None
         target = self._msgs[tid] if tid is not None else None
         member, visible = True, True
+        history_visible = self._visible.get(op.conv, False)
         if op.kind == MessageKind.DELETE:
             spans = self._spans_of(op.conv, op.sender)
             member = bool(spans)
-            ranges = visible_ranges(spans, self._visible.get(op.conv, False))
-            visible = any(lo <= op.target <= hi for lo, hi in ranges)
+            visible = sees(spans, history_visible, op.target)
         elif op.sender != SYSTEM:
             member = op.sender in members
+            visible = sees(self._spans_of(op.conv, op.sender), history_visible, op.target)
         code = amend_problem(op, member, target, visible)
         if code is not ErrorCode.OK:
             return Rejected(code)
@@ -392,7 +396,9 @@ class MemoryStore(Store):
             seq, recipients = 0, frozenset((op.sender,))
             self._set(self._deleted, (op.sender, op.conv, op.target), True)
         else:
-            seq, recipients = last + 1, members
+            # Only to the members who may see the target (hidden_amend).
+            seq = last + 1
+            recipients = frozenset(u for u in members if sees(self._spans_of(op.conv, u), history_visible, op.target))
             self._set(self._conv_last, op.conv, seq)
             self._set(self._conv_seq, (op.conv, seq), op.msg_id)
             self._set(self._msgs, target.msg_id, amended(target, op))
@@ -907,9 +913,17 @@ class MemoryStore(Store):
             spans = self._spans_of(op.conv, op.user)
             if not spans:
                 return HistoryPage(ErrorCode.NOT_MEMBER, ())
-            ranges = after_floor(visible_ranges(spans, self._visible.get(op.conv, False)), self._hfloor.get(op.conv, 0))
-            seqs = page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.limit, op.backward)
-            return HistoryPage(ErrorCode.OK, tuple(self._current(self._msgs[self._conv_seq[(op.conv, s)]], op.user) for s in seqs))
+            visible = visible_ranges(spans, self._visible.get(op.conv, False))
+            ranges = after_floor(visible, self._hfloor.get(op.conv, 0))
+            page: list[StoredMessage] = []
+            if op.limit > 0:
+                for s in iter_page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.backward):
+                    m = self._msgs[self._conv_seq[(op.conv, s)]]
+                    if not hidden_amend(m, visible):
+                        page.append(self._current(m, op.user))
+                        if len(page) == op.limit:
+                            break
+            return HistoryPage(ErrorCode.OK, tuple(page))
 
     def _read_readers(self, op: ReadReaders) -> ReadersPage:
         with self._lock:

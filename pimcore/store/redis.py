@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import logging
 import os
 import struct
@@ -127,7 +128,6 @@ from .base import (
     amend_entry,
     amend_problem,
     amended,
-    visible_ranges as _visible_ranges,
     AckEvents,
     AckPosition,
     Acked,
@@ -198,7 +198,9 @@ from .base import (
     malformed,
     member_ranges,
     message_event,
-    page_seqs,
+    hidden_amend,
+    iter_page_seqs,
+    sees,
     valid_conversation,
     valid_id,
     visible_ranges,
@@ -1192,9 +1194,10 @@ class RedisStore(AsyncStore):
         if op.kind == MessageKind.DELETE:
             spans = await self._spans_of(tx, op.conv, op.sender)
             member = bool(spans)
-            visible = any(lo <= op.target <= hi for lo, hi in _visible_ranges(spans, _int(hv) == 1))
+            visible = sees(spans, _int(hv) == 1, op.target)
         elif op.sender != SYSTEM:
             member = op.sender in members
+            visible = sees(await self._spans_of(tx, op.conv, op.sender), _int(hv) == 1, op.target)
         code = amend_problem(op, member, target, visible)
         if code is not ErrorCode.OK:
             return Rejected(code)
@@ -1218,9 +1221,10 @@ class RedisStore(AsyncStore):
                 tx.put(self._meta, "st", op.server_time)
         else:
             entry = amend_entry(op, _int(last) + 1)
-            recipients = members
+            # Only to the members who may see the target (base.hidden_amend).
+            recipients = [u for u in sorted(members) if sees(await self._spans_of(tx, op.conv, u), _int(hv) == 1, op.target)]
             tx.put(ck, f"s:{op.target}", _enc_msg(amended(target, op)))
-            positions = await self._store_entry(tx, entry, members)
+            positions = await self._store_entry(tx, entry, recipients)
         tx.put(dkey, dfield, f"{op.msg_id.hex()}:{entry.seq}:{op.server_time}:{op.digest.hex()}")
         if op.event:
             await self._append_event(tx, op.server_time, message_event(replace(entry, payload=op.payload), recipients))
@@ -1878,9 +1882,17 @@ class RedisStore(AsyncStore):
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
         ck = self._k_conv(op.conv)
         last, hv, hf = await tx.mget(ck, ["last", "hv", "hf"])
-        ranges = after_floor(visible_ranges(spans, _int(hv) == 1), _int(hf))
-        seqs = page_seqs(ranges, _int(last), op.from_seq, op.limit, op.backward)
-        return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, await self._msgs_at(tx, op.conv, seqs), op.user)))
+        visible = visible_ranges(spans, _int(hv) == 1)
+        seqs = iter_page_seqs(after_floor(visible, _int(hf)), _int(last), op.from_seq, op.backward)
+        page: list[StoredMessage] = []
+        while len(page) < op.limit:
+            # (A chunk at a time: the entries history skips -- hidden_amend --
+            # are rare, so the first chunk nearly always fills the page.)
+            chunk = list(itertools.islice(seqs, op.limit - len(page)))
+            if not chunk:
+                break
+            page += [m for m in await self._msgs_at(tx, op.conv, chunk) if not hidden_amend(m, visible)]
+        return HistoryPage(ErrorCode.OK, tuple(await self._current(tx, page, op.user)))
 
     async def _read_readers(self, tx: _Tx, op: ReadReaders) -> ReadersPage:
         if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):

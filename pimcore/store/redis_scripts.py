@@ -134,6 +134,8 @@ from .base import (
     mentioned_recipients,
     message_event,
     valid_conversation,
+    hidden_amend,
+    sees,
     visible_ranges,
 )
 
@@ -1327,15 +1329,16 @@ class ClusterOps:
                 # they would see the amend itself, e.g. RECALLED.)
                 target = _dec_msg(raw) if raw is not None and op.target <= int(last_b or 0) else None
                 member, visible = True, True
+                if pair is not None:
+                    spans: tuple[tuple[int, int], ...] = ((0, OPEN),) if op.sender in pair else ()
+                else:
+                    spans = _dec_spans(sp)
                 if op.kind == MessageKind.DELETE:
-                    if pair is not None:
-                        spans: tuple[tuple[int, int], ...] = ((0, OPEN),) if op.sender in pair else ()
-                    else:
-                        spans = _dec_spans(sp)
                     member = bool(spans)
-                    visible = any(lo <= op.target <= hi for lo, hi in visible_ranges(spans, hv == b"1"))
+                    visible = sees(spans, hv == b"1", op.target)
                 elif op.sender != SYSTEM:
                     member = op.sender in members
+                    visible = sees(spans, hv == b"1", op.target)
                 code = amend_problem(op, member, target, visible)
                 if code is not ErrorCode.OK:
                     return await refuse(code)
@@ -1365,6 +1368,12 @@ class ClusterOps:
         self._check_seq(op.conv, seq, replayed)
         entry = _dec_msg(ans[3])
         recipients = sorted(mem_s.split("\n")) if mem_s else []
+        if pair is None and recipients:
+            # Only to the members who may see the target (base.hidden_amend),
+            # by their spans as of now: one added since the AMEND has a span
+            # starting after its seq, so he is left out as he would be then.
+            grp_hv, *raw_spans = await s._call(lambda: s._r.hmget(ck, ["hv"] + ["sp:" + u for u in recipients]))
+            recipients = [u for u, sp_u in zip(recipients, raw_spans) if sees(_dec_spans(sp_u), grp_hv == b"1", op.target)]
         fan = _Fanout(self)
         fan.message(entry, recipients, op.event, (op.sender, dfield, final.format(seq=seq).encode()),
                     replace(entry, payload=op.payload))
@@ -2472,8 +2481,10 @@ class _Fanout:
             have = {q for q, _ in items}
             missing = [q for q in range(lseq + 1, max(have) if have else first)
                        if q not in have and any(lo <= q <= hi for lo, hi in ranges)]
-            blobs = await tx.mget(s._k_conv(conv), [f"s:{q}" for q in missing] + ["hf"]) if missing else [None]
+            blobs = await tx.mget(s._k_conv(conv), [f"s:{q}" for q in missing] + ["hf", "hv"]) if missing else [None, None]
+            hv = blobs.pop() == b"1"
             floor = int(blobs.pop() or 0)  # (the history floor, read with them)
+            visible = visible_ranges(spans, hv)
             full = []
             for q, b in zip(missing, blobs):
                 if b is None:
@@ -2491,6 +2502,8 @@ class _Fanout:
                     raise StoreError(f"Redis: {conv!r} seq {q} (to {user!r}) is missing above its history floor"
                                      f" {floor}: a node answered without a write it had acknowledged; fan-out not done")
                 m = _dec_msg(b)
+                if hidden_amend(m, visible):
+                    continue  # (an amend of what the recipient may not see: never theirs, as _amend fans it out)
                 full.append((q, f"{q}:{m.server_time}:{conv}"))
             full.extend(items)
             full.sort()  # (ascending, as FANOUT takes them)
