@@ -187,6 +187,31 @@ def test_a_member_who_cannot_see_a_message_gets_none_of_its_amends(store: Store,
     assert sorted(history(store, "dave", "open")) == [1, 2, 3]
 
 
+def test_an_edit_made_after_a_member_left_never_reaches_them(store: Store, mk: Maker) -> None:
+    # A new user's trial (HIGH): carol, removed, read in history (and a
+    # device of hers would have caught up on) the new text of a message
+    # edited after she left.  The store keeps no older text, so to her it
+    # is withheld: edited, no payload.
+    store.create_group(GROUP, ["alice", "bob", "carol"], now=1)
+    mk.commit(store, mk(GROUP, "alice", payload=b"plan A"), mk(GROUP, "alice", payload=b"lunch?"))  # 1, 2
+    (e1,) = mk.commit(store, amend(mk, GROUP, "alice", 2, EDIT, b"lunch at 1?"))  # 3: she saw this one
+    store.remove_members(GROUP, ["carol"], now=mk.time + 10)  # 4: LEFT
+    mk.time += 20
+    (e2,) = mk.commit(store, amend(mk, GROUP, "alice", 1, EDIT, b"plan B (carol must not know)"))  # 5
+    (e3,) = mk.commit(store, amend(mk, GROUP, "alice", 2, EDIT, b"lunch at 2, carol out"))  # 6
+    assert [u for u, _ in e2.positions] == ["alice", "bob"]
+    for got in (history(store, "carol", GROUP), {m.seq: m for _, m in store.inbox_range("carol", 0, 10)}):
+        assert sorted(got) == [1, 2, 3, 4]
+        assert [(got[s].payload, got[s].edited) for s in (1, 2, 3)] == [
+            (b"", e2.server_time), (b"", e3.server_time), (b"", 0)]
+    h = history(store, "bob", GROUP)
+    assert (h[1].payload, h[2].payload, h[3].payload) == (b"plan B (carol must not know)",) + (b"lunch at 2, carol out",) * 2
+    # Back in the group, the message is hers again as it is now.
+    store.add_members(GROUP, ["carol"], now=mk.time + 10)
+    mk.time += 20
+    assert history(store, "carol", GROUP)[1].payload == b"plan B (carol must not know)"
+
+
 def test_the_host_may_recall_or_edit_anything_but_not_delete(store: Store, mk: Maker) -> None:
     mk.commit(store, mk(AB, "alice", payload=b"m"))
     host = amend(mk, AB, "alice", 1, EDIT, b"moderated")

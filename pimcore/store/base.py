@@ -214,6 +214,7 @@ __all__ = [
     "iter_page_seqs",
     "sees",
     "hidden_amend",
+    "horizon",
     "AsyncStore",
     "WriteBatch",
     "Appended",
@@ -300,6 +301,20 @@ def sees(spans: Iterable[tuple[int, int]], history_visible: bool, seq: int) -> b
     """May a user whose membership intervals are ``spans`` see seq ``seq``
     of the conversation (:func:`visible_ranges`)?"""
     return any(lo <= seq <= hi for lo, hi in visible_ranges(spans, history_visible))
+
+
+def horizon(spans: Iterable[tuple[int, int]], last_seq: int) -> int:
+    """The last seq a reader's view of a conversation reaches when it ends
+    before the conversation's last seq -- a former member's last LEFT entry
+    -- else 0 (a member now: no horizon).
+
+    A message edited after the horizon is read by that user with no payload
+    (``edited`` set), and so is an EDIT entry of it they were shown: the
+    store keeps no older text, and the new one was written after they left
+    (a new user's trial: a removed member read it in history).  A recall
+    needs no such rule: it leaves no text to anyone."""
+    h = last_visible(spans, last_seq)
+    return h if 0 < h < last_seq else 0
 
 
 def hidden_amend(m: "StoredMessage", visible: Iterable[tuple[int, int]]) -> bool:

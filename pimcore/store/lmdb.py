@@ -311,6 +311,7 @@ from .base import (
     AMENDING,
     member_ranges,
     hidden_amend,
+    horizon,
     iter_page_seqs,
     sees,
     visible_ranges,
@@ -2999,11 +3000,25 @@ class LmdbStore(Store):
             if user and txn.get(_t(user) + ck + _U64.pack(m.target), db=self._deleted) is not None:
                 return replace(m, payload=b"")
             target = self._at(txn, ck, m.target)
-            m = replace(m, payload=target.payload if target is not None else b"")
+            if target is None or (user and target.edited and self._edited_after_horizon(txn, ck, user, target.edited)):
+                return replace(m, payload=b"")
+            m = replace(m, payload=target.payload)
         elif user and kind == MessageKind.MESSAGE and m.seq:
             if txn.get(_t(user) + _t(m.conv) + _U64.pack(m.seq), db=self._deleted) is not None:
                 m = replace(m, payload=b"", deleted=True)
+            elif m.edited and self._edited_after_horizon(txn, _t(m.conv), user, m.edited):
+                m = replace(m, payload=b"")
         return m
+
+    def _edited_after_horizon(self, txn: _Txn, ck: bytes, user: str, edited: int) -> bool:
+        """Was a message of conversation ``ck`` edited (at server time
+        ``edited``) after ``user``'s view of it ended (base.horizon)?  Asked
+        only of edited messages: a spans read and at most one entry."""
+        h = horizon(self._spans_in(txn, ck, user), self._last_seq(txn, ck))
+        if not h:
+            return False
+        left = self._at(txn, ck, h)  # (None: removed by retention -- withheld)
+        return left is None or edited > left.server_time
 
     def _at(self, txn: _Txn, ck: bytes, seq: int) -> Optional[StoredMessage]:
         """The entry at ``seq`` of the conversation ``ck`` (None: no such seq)."""

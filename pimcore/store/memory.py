@@ -70,6 +70,7 @@ from .base import (
     last_message_floor,
     member_ranges,
     hidden_amend,
+    horizon,
     iter_page_seqs,
     page_seqs,
     sees,
@@ -429,10 +430,25 @@ class MemoryStore(Store):
             target = self._conv_seq.get((m.conv, m.target))
             if target is None or (user and (user, m.conv, m.target) in self._deleted):
                 return replace(m, payload=b"")
-            return replace(m, payload=self._msgs[target].payload)
-        if user and m.kind == MessageKind.MESSAGE and (user, m.conv, m.seq) in self._deleted:
-            return replace(m, payload=b"", deleted=True)
+            t = self._msgs[target]
+            if user and t.edited and self._edited_after_horizon(m.conv, user, t.edited):
+                return replace(m, payload=b"")
+            return replace(m, payload=t.payload)
+        if user and m.kind == MessageKind.MESSAGE:
+            if (user, m.conv, m.seq) in self._deleted:
+                return replace(m, payload=b"", deleted=True)
+            if m.edited and self._edited_after_horizon(m.conv, user, m.edited):
+                return replace(m, payload=b"")
         return m
+
+    def _edited_after_horizon(self, conv: str, user: str, edited: int) -> bool:
+        """Was a message of ``conv`` edited (at server time ``edited``) after
+        ``user``'s view of it ended (base.horizon)?"""
+        h = horizon(self._spans_of(conv, user), self._conv_last.get(conv, 0))
+        if not h:
+            return False
+        left = self._conv_seq.get((conv, h))  # (None: removed by retention -- withheld)
+        return left is None or edited > self._msgs[left].server_time
 
     def _register(self, user: str, device: str, position: int, now: int) -> tuple[DeviceState, bool]:
         """Shared by Touch and Ack: create at the floor if unknown, move

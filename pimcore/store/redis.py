@@ -199,6 +199,7 @@ from .base import (
     member_ranges,
     message_event,
     hidden_amend,
+    horizon,
     iter_page_seqs,
     sees,
     valid_conversation,
@@ -1243,11 +1244,25 @@ class RedisStore(AsyncStore):
                 if target is None or (user and await tx.get(self._k_user(user), f"del:{m.conv}/{m.target}")):
                     m = replace(m, payload=b"")  # (None: retention removed the target)
                 else:
-                    m = replace(m, payload=_dec_msg(target).payload)
-            elif user and m.kind == MessageKind.MESSAGE and await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
-                m = replace(m, payload=b"", deleted=True)
+                    t = _dec_msg(target)
+                    hidden = user and t.edited and await self._edited_after_horizon(tx, m.conv, user, t.edited)
+                    m = replace(m, payload=b"" if hidden else t.payload)
+            elif user and m.kind == MessageKind.MESSAGE:
+                if await tx.get(self._k_user(user), f"del:{m.conv}/{m.seq}"):
+                    m = replace(m, payload=b"", deleted=True)
+                elif m.edited and await self._edited_after_horizon(tx, m.conv, user, m.edited):
+                    m = replace(m, payload=b"")
             out.append(m)
         return out
+
+    async def _edited_after_horizon(self, tx: _Tx, conv: str, user: str, edited: int) -> bool:
+        """Was a message of ``conv`` edited (at server time ``edited``) after
+        ``user``'s view of it ended (base.horizon)?"""
+        h = horizon(await self._spans_of(tx, conv, user), _int(await tx.get(self._k_conv(conv), "last")))
+        if not h:
+            return False
+        left = await tx.get(self._k_conv(conv), f"s:{h}")  # (None: removed by retention -- withheld)
+        return left is None or edited > _dec_msg(left).server_time
 
     async def _device(self, tx: _Tx, user: str, device: str) -> Optional[DeviceState]:
         v = await tx.get(self._k_user(user), "dv:" + device)
