@@ -49,7 +49,7 @@ from . import frames as F
 from .codec import DEFAULT_MAX_FRAME_SIZE, Decoder, encode_frame
 from .errors import CloseCode, EncodeError, ErrorCode, PimError, ProtocolError
 from .heartbeat import HeartbeatTuner
-from .ids import _show, conversation_problem, direct_members
+from .ids import _show, conversation_problem, direct_members, id_problem
 from .order import display_order
 from .protocol import PRE_LOGIN_MAX_FRAME
 
@@ -233,6 +233,16 @@ class SendError(ClientError):
         self.reason = reason
 
 
+#: What the broker's refusals by these codes mean, when it gave no reason of
+#: its own (docs/PROTOCOL.md, error codes).
+_CODE_WORDS = {
+    ErrorCode.TOO_MANY_MENTIONS: "the message mentions more users than the broker takes (its max_mentions, 64 by default)",
+    ErrorCode.BAD_MENTION: "a mentioned user id is not a valid user id",
+    ErrorCode.TOO_LATE: "the time the broker allows for this after the message was sent has passed"
+                        " (its recall_window or edit_window)",
+}
+
+
 def _refusal_reason(code: ErrorCode, conv: Optional[str], user: str) -> str:
     """Why the broker refused a request about ``conv`` by ``user`` with
     ``code``, in words, when it gave no reason of its own: the codes of the
@@ -243,6 +253,8 @@ def _refusal_reason(code: ErrorCode, conv: Optional[str], user: str) -> str:
         if problem is not None:
             return f"invalid conversation id: {problem}"
         return "the broker found a field of the request invalid"
+    if code in _CODE_WORDS:  # (a trial: these came back as the bare code name)
+        return _CODE_WORDS[code]
     if code is ErrorCode.PURGED and conv is not None:
         return (f"group {_show(conv)} was purged after this message was written: it answers deleted history"
                 " and was not stored (the group may have been created again with other members)")
@@ -2704,8 +2716,13 @@ class ClientSession:
         the broker refuses it, or (over its max_frame) closes the connection
         -- and a request is asked again on every new connection until its
         timeout (a new user's trial: a 2 MB id stalled the client 60 s)."""
-        if conversation_problem(conv) is not None:
-            raise self._request_error(ErrorCode.BAD_REQUEST, what, conv)
+        problem = conversation_problem(conv)
+        if problem is not None:
+            # (The reason given here, not by _request_error: that takes a
+            # conv of None for a request without one, and fetch_history(None)
+            # said "the broker found a field of the request invalid" -- a trial.)
+            reason = f"invalid conversation id: {problem}"
+            raise SendError(ErrorCode.BAD_REQUEST, 0, f"{what}: BAD_REQUEST: {reason}", reason=reason)
 
     def _request_frame(self, frame: F.Frame, what: str, conv: Optional[str]) -> bytes:
         """``frame`` encoded; SendError(PAYLOAD_TOO_LARGE) if it is above the
@@ -2806,14 +2823,20 @@ class ClientSession:
         is a PresenceCompleted and a PresenceChanged per user; then every
         change comes as a PresenceChanged.  The subscription is sent again
         after every reconnect (the broker forgets it with the connection).
-        Raises EncodeError for ids no frame can carry, the terminal error if
-        CLOSED."""
+        Raises ValueError for an invalid user id (TypeError for one that is
+        no str), nothing sent; the terminal error if CLOSED."""
         self._check_open()
         if isinstance(users, (str, bytes)):
             # (A str is iterable: "bob" would subscribe "b" and "o".)
             raise TypeError(f"subscribe_presence: users must be an iterable of user ids, not one {type(users).__name__}: "
                             f"[{users!r:.40}]")
         wanted = tuple(dict.fromkeys(users))
+        for user in wanted:
+            # (Sent, an invalid id came back as an unknown user, which hid the
+            # mistake: a trial.)
+            problem = id_problem(user, "user")
+            if problem is not None:
+                raise (TypeError if not isinstance(user, str) else ValueError)(f"subscribe_presence: {problem}")
         req_id = self._next_req
         raw = encode_frame(F.PresenceSub(req_id, tuple(F.PresenceUser(u) for u in wanted)))
         self._tick(now)

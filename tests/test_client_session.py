@@ -515,6 +515,23 @@ def test_a_final_refusal_completes_the_send_with_its_code(code):
     assert connect(s, T0 + 12 * S).read() == []
 
 
+@pytest.mark.parametrize("code, words", [
+    (ErrorCode.TOO_MANY_MENTIONS, "mentions more users than the broker takes"),
+    (ErrorCode.BAD_MENTION, "a mentioned user id is not a valid user id"),
+    (ErrorCode.TOO_LATE, "recall_window or edit_window"),
+])
+def test_a_refusal_the_broker_gave_no_reason_for_is_said_in_words(code, words):
+    # A new user's trial (LOW): these came back as the bare code name, where
+    # NOT_MEMBER and UNKNOWN_CONVERSATION say what is wrong.
+    s = session()
+    b = connect(s, T0)
+    lid = s.send(CONV, b"no", T0)
+    b.read()
+    b.feed(T0 + 1, F.SendAck(lid, code, b"", 0, 0))
+    [done] = s.completions()
+    assert done.error.code is code and words in done.error.reason and f"{code.name}: " in str(done.error)
+
+
 def test_the_reason_of_a_refused_send_goes_to_its_error_not_to_the_log(caplog):
     # The broker explains a refusal with an Error frame (ref = the local id)
     # right before the SendAck.  The app gets the reason on SendError; a
@@ -2033,6 +2050,12 @@ def test_a_request_the_broker_would_close_the_connection_for_is_refused_at_the_c
         with pytest.raises(SendError) as refused:
             call()
         assert refused.value.code is ErrorCode.BAD_REQUEST
+        # (In words, also for no text at all: a trial's fetch_history(None)
+        # said only "the broker found a field of the request invalid".)
+        assert "invalid conversation id: " in str(refused.value), str(refused.value)
+    for bad in (None, 5, b"team"):
+        with pytest.raises(SendError, match=f"invalid conversation id: a conversation id must be text, not {type(bad).__name__}"):
+            s.request_history(bad, 0, 10, True, T0)  # type: ignore[arg-type]
     with pytest.raises(SendError) as refused:
         s.list_conversations(T0, cursor=b"x" * 2_000_000)
     assert refused.value.code is ErrorCode.PAYLOAD_TOO_LARGE and "max_frame" in str(refused.value)
@@ -2156,6 +2179,10 @@ def test_presence_of_one_user_id_given_as_a_str_and_bad_send_timeouts_are_refuse
     b.read()
     with pytest.raises(TypeError, match="users must be an iterable of user ids"):
         s.subscribe_presence("bob", T0)
+    # (A later trial: an invalid id was sent, and the broker's answer -- an
+    # unknown user -- hid the mistake.)
+    with pytest.raises(ValueError, match=r"subscribe_presence: user id 'a b' has the character ' '"):
+        s.subscribe_presence(["bob", "a b"], T0)
     for bad in (-1, float("nan")):
         with pytest.raises(ValueError, match="timeout must be"):
             s.send(CONV, b"x", T0, timeout=bad)  # type: ignore[arg-type]

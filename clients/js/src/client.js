@@ -257,7 +257,15 @@ async function probeUpgrade(url, ms) {
 const TWO_64 = 2 ** 64;
 // Why the broker refused a request about `conv` by `user` with `code`, in words, when it gave no reason of its own
 // (the Python SDK's _refusal_reason): the codes of the conversation and its membership, '' for the others.
+// What the broker's refusals by these codes mean, when it gave no reason of its own (a trial: they came back as
+// the bare code name); the Python SDK's _CODE_WORDS.
+const CODE_WORDS = new Map([
+  [ErrorCode.TOO_MANY_MENTIONS, 'the message mentions more users than the broker takes (its max_mentions, 64 by default)'],
+  [ErrorCode.BAD_MENTION, 'a mentioned user id is not a valid user id'],
+  [ErrorCode.TOO_LATE, 'the time the broker allows for this after the message was sent has passed (its recall_window or edit_window)'],
+]);
 function refusalReason(code, conv, user) {
+  if (CODE_WORDS.has(code)) return CODE_WORDS.get(code);
   if (code === ErrorCode.BAD_REQUEST) {
     const problem = conv == null ? null : conversationProblem(conv);
     return problem ? `invalid conversation id: ${problem}` : '';
@@ -1759,6 +1767,12 @@ export class PimcoreClient {
       checkCallOptions('subscribePresence', opts, ['timeout']);
       // (A string is iterable: 'bob' subscribed 'b' and 'o' -- a trial.)
       if (!Array.isArray(users)) throw new TypeError(`subscribePresence: users must be an array of user ids, not ${JSON.stringify(users)}`);
+      // (Sent, an invalid id came back as an unknown user, which hid the mistake: a trial.)
+      const bad = users.find((u) => !validId(u));
+      if (bad !== undefined) {
+        if (typeof bad !== 'string') throw new TypeError(`subscribePresence: a user id must be a string, not ${typeof bad} ${String(JSON.stringify(bad))}`);
+        throw new RangeError(`subscribePresence: ${showValue(bad)} is no user id: 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -`);
+      }
     } catch (e) { return Promise.reject(e); }
     const { timeout = this.opts.sendTimeout } = opts ?? {};
     if (this.state === State.CLOSED) return Promise.reject(this.error);

@@ -386,6 +386,22 @@ test("a group purge forgets the seqs seen: the next send answers nothing purged;
   await c.close();
 });
 
+test('a refusal the broker gave no reason for is said in words (TOO_MANY_MENTIONS, BAD_MENTION, TOO_LATE)', async () => {
+  // A new user's trial (LOW): these came back as the bare code name, where NOT_MEMBER says what is wrong.
+  const c = make({ backoffInitial: 1 });
+  const { ws } = await connected(c);
+  const cases = [[ErrorCode.TOO_MANY_MENTIONS, /mentions more users than the broker takes/],
+    [ErrorCode.BAD_MENTION, /a mentioned user id is not a valid user id/], [ErrorCode.TOO_LATE, /recall_window or edit_window/]];
+  for (const [code, words] of cases) {
+    const sent = c.send('team', 'x');
+    await sleep(5);
+    const req = ws.of('SendReq').at(-1);
+    ws.deliver(frame('SendAck', { local_id: req.local_id, code, msg_id: new Uint8Array(0), seq: 0, server_time: 0 }));
+    await assert.rejects(sent, (e) => e instanceof SendError && e.code === code && words.test(e.message) && words.test(e.reason));
+  }
+  await c.close();
+});
+
 test('local ids above 2**53-1 travel as BigInt: a SendAck matches its send, and the next id is the next one', async () => {
   // A new user's trial (HIGH): localId 2**60 (a number) was stored but the send ended in SendTimeout -- the codec
   // decodes the SendAck's local id as a BigInt, which matched no pending send -- and every later send reused one
@@ -527,6 +543,8 @@ test('a clock that returns no number fails connect() (never Node), and per-call 
   const c = make();
   const { ws } = await connected(c);
   await assert.rejects(c.subscribePresence('bob'), (e) => e instanceof TypeError && /users must be an array of user ids/.test(e.message));
+  await assert.rejects(c.subscribePresence(['bob', 'a b']), (e) => e instanceof RangeError && /subscribePresence: 'a b' is no user id/.test(e.message));
+  await assert.rejects(c.subscribePresence(['bob', 5]), (e) => e instanceof TypeError && /a user id must be a string, not number 5/.test(e.message));
   await assert.rejects(c.send('d:u:v', 'x', { mention: ['bob'] }), (e) => e instanceof TypeError && /send: unknown option mention/.test(e.message));
   await assert.rejects(c.send('d:u:v', 'x', 'opts'), (e) => e instanceof TypeError && /send: options must be an object/.test(e.message));
   await assert.rejects(c.history('d:u:v', { limt: 5 }), (e) => e instanceof TypeError && /history: unknown option limt/.test(e.message));
