@@ -475,7 +475,10 @@ class ConversationUpdated:
     device of the user changed its settings (pinned, muted, hidden), or the
     read marker moved (unread and mention counts).  A new message changes
     the entry too, but that comes as its :class:`MessageReceived`
-    (:attr:`ClientSession.conversations` follows both)."""
+    (:attr:`ClientSession.conversations` follows both).  ``entry`` is the
+    broker's as this device holds it now: its ``last`` never behind the
+    copy the view holds (a deletion for oneself, a recall, a newer edit),
+    nor older than a message a push already brought."""
 
     entry: F.ConvEntry
 
@@ -1051,8 +1054,12 @@ class ClientSession:
         self._next_req = 1
         #: conv -> the conversation-list entry as last known: from
         #: list_conversations pages and ConvUpdates, kept current by pushes
-        #: (last message, unread and mention counts, un-hiding) and read
-        #: states.  Only conversations some page or update brought are here.
+        #: (last message, unread and mention counts, un-hiding; an amend of
+        #: ``last``, the user's own delete for themselves included) and read
+        #: states (marker, counts -- never ``last_seq``: the entry's is the
+        #: seq of ``last``, a ReadState's the conversation's last seq).
+        #: ``last`` is never behind the copy the view holds (_not_behind).
+        #: Only conversations some page or update brought are here.
         self.conversations: dict[str, F.ConvEntry] = {}
 
         # -- typing and presence (ephemeral: nothing of it is saved)
