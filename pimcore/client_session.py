@@ -348,6 +348,29 @@ _U64_MAX = (1 << 64) - 1
 AMEND_KINDS = frozenset((F.MessageKind.RECALL, F.MessageKind.EDIT, F.MessageKind.DELETE))
 
 
+def _not_behind(held: Optional[F.Message], m: F.Message) -> F.Message:
+    """``m`` -- a copy of a message from a list entry's ``last`` or a
+    history page -- as this device may hold it, given the copy it ``held``:
+    never behind it.  A deletion for oneself and a recall are final, and an
+    edit is newer by its server time (``edited``); an answer read before an
+    amend committed can arrive after the amend's push, and a list entry's
+    ``last`` once carried a message deleted for oneself undeleted, with its
+    text (a new user's trial: it came back on every device at the next
+    mark_read).  Both flags stay set once set (a held copy deleted and then
+    recalled is both); the payload is the held one's when the held copy is
+    further along.  Other fields are ``m``'s (a list entry's position 0)."""
+    if held is None or held.seq != m.seq or held.msg_id != m.msg_id or m.kind != F.MessageKind.MESSAGE:
+        return m
+    deleted, recalled = held.deleted or m.deleted, held.recalled or m.recalled
+    if deleted or recalled:
+        if (deleted, recalled, m.payload) == (m.deleted, m.recalled, b""):
+            return m
+        return dataclasses.replace(m, payload=b"", deleted=deleted, recalled=recalled, edited=max(held.edited, m.edited))
+    if held.edited > m.edited:
+        return dataclasses.replace(m, payload=held.payload, edited=held.edited)
+    return m
+
+
 @dataclass(frozen=True, slots=True)
 class MessageAmended:
     """A message was recalled, edited or deleted for this user (``entry``:
@@ -464,7 +487,10 @@ class ConversationUpdated:
     device of the user changed its settings (pinned, muted, hidden), or the
     read marker moved (unread and mention counts).  A new message changes
     the entry too, but that comes as its :class:`MessageReceived`
-    (:attr:`ClientSession.conversations` follows both)."""
+    (:attr:`ClientSession.conversations` follows both).  ``entry`` is the
+    broker's as this device holds it now: its ``last`` never behind the
+    copy the view holds (a deletion for oneself, a recall, a newer edit),
+    nor older than a message a push already brought."""
 
     entry: F.ConvEntry
 
@@ -1040,8 +1066,12 @@ class ClientSession:
         self._next_req = 1
         #: conv -> the conversation-list entry as last known: from
         #: list_conversations pages and ConvUpdates, kept current by pushes
-        #: (last message, unread and mention counts, un-hiding) and read
-        #: states.  Only conversations some page or update brought are here.
+        #: (last message, unread and mention counts, un-hiding; an amend of
+        #: ``last``, the user's own delete for themselves included) and read
+        #: states (marker, counts -- never ``last_seq``: the entry's is the
+        #: seq of ``last``, a ReadState's the conversation's last seq).
+        #: ``last`` is never behind the copy the view holds (_not_behind).
+        #: Only conversations some page or update brought are here.
         self.conversations: dict[str, F.ConvEntry] = {}
 
         # -- typing and presence (ephemeral: nothing of it is saved)
@@ -1770,8 +1800,8 @@ class ClientSession:
             self._on_conv_set(f)  # type: ignore[arg-type]
         elif t is F.ConvUpdate:
             for e in f.entries:  # type: ignore[attr-defined]
-                self._adopt_entry(e)
-                self._emit(ConversationUpdated(e))
+                # (The entry as held: never behind what the device holds.)
+                self._emit(ConversationUpdated(self._adopt_entry(e)))
         elif t is F.ConvPurged:
             self._on_conv_purged(f)  # type: ignore[arg-type]
         elif t is F.Ping:
@@ -2532,9 +2562,14 @@ class ClientSession:
                     # mentions the user: never more of them than unread ones.
                     passed = self._held_mentions(st.conv, e.read_seq, min(st.read_seq, self._entry_counted.get(st.conv, 0)))
                     mentions = max(0, min(e.mention_count - passed, st.unread))
+                # The entry's last_seq stays the seq of its `last`: the read
+                # state's is the conversation's last seq, RECALL/EDIT entries
+                # included.  Raising it to that made the broker's next
+                # ConvUpdate (last_seq the last message's) look older than
+                # the entry, read as "a newer message came", and un-hide a
+                # conversation the broker still hid (a new user's trial).
                 self.conversations[st.conv] = dataclasses.replace(
-                    e, read_seq=st.read_seq, unread=st.unread, last_seq=max(e.last_seq, st.last_seq),
-                    mention_count=mentions,
+                    e, read_seq=st.read_seq, unread=st.unread, mention_count=mentions,
                 )
                 self._entry_counted[st.conv] = max(self._entry_counted.get(st.conv, 0), st.last_seq)
             self._emit(ReadStateChanged(st))
@@ -2575,7 +2610,7 @@ class ClientSession:
             if t is not None and not t.recalled:
                 t = dataclasses.replace(t, payload=b"", recalled=True)
         elif e.kind == F.MessageKind.EDIT:
-            if t is not None and not t.recalled and e.server_time >= t.edited:
+            if t is not None and not (t.recalled or t.deleted) and e.server_time >= t.edited:
                 t = dataclasses.replace(t, payload=e.payload, edited=e.server_time)
         elif t is not None:  # DELETE: for this user only
             if live and t.sender != self.user:
@@ -2638,6 +2673,9 @@ class ClientSession:
         heap = self._view_heaps.setdefault(m.conv, [])
         seqs = self._view_seqs.setdefault(m.conv, {})
         held = view.get(m.msg_id)
+        # (A copy behind the held one -- an older answer, a stale list
+        # entry -- never undoes a deletion, a recall or a newer edit.)
+        m = _not_behind(held, m)
         view[m.msg_id] = m
         if held is not None and held.seq != m.seq and seqs.get(held.seq) == m.msg_id:
             del seqs[held.seq]
@@ -3035,15 +3073,31 @@ class ClientSession:
             error = self._request_error(code, f"settings of {f.conv!r}", f.conv)
         self._completions.append(ConversationSetCompleted(f.req_id, f.conv, error))
 
-    def _adopt_entry(self, e: F.ConvEntry) -> None:
+    def _adopt_entry(self, e: F.ConvEntry) -> F.ConvEntry:
+        """Hold the broker's entry ``e`` (a page's, a ConvUpdate's) as
+        this device knows it, and return what is held: its ``last`` never
+        behind the copy of that message the device holds (:func:`_not_behind`:
+        a deletion for oneself, a recall, a newer edit stay), and the view
+        takes ``last`` by the same rule.  ``last_seq`` is the seq of ``last``
+        on both sides (never ReadState's last_seq, which counts RECALL/EDIT
+        entries too): an entry whose ``last_seq`` is below the held one's is
+        an answer older than a message a push brought."""
         old = self.conversations.get(e.conv)
         if old is not None and old.last_seq > e.last_seq:
             # A push already brought a newer message than this (older) answer.
             e = dataclasses.replace(e, last=old.last, last_seq=old.last_seq, hidden=False)
+        last = tuple(_not_behind(self._held_copy(m), m) for m in e.last)
+        if last != e.last:
+            e = dataclasses.replace(e, last=last)
         self.conversations[e.conv] = e
         self._entry_counted[e.conv] = e.last_seq
         for m in e.last:
             self._remember(m)
+        return e
+
+    def _held_copy(self, m: F.Message) -> Optional[F.Message]:
+        """The copy of ``m`` (same msg_id) the local view holds, if any."""
+        return self._views.get(m.conv, {}).get(m.msg_id)
 
     def _own_entry(self, m: F.Message) -> None:
         """This device's own message or amend, durable (its SendAck): the
@@ -3075,12 +3129,18 @@ class ClientSession:
             # edit of the last message changes how it shows, as the broker's
             # list would (its tombstone, its new payload).
             last = e.last[0] if e.last else None
-            if last is None or last.seq != m.target or last.kind != F.MessageKind.MESSAGE or last.recalled:
+            if last is None or last.seq != m.target or last.kind != F.MessageKind.MESSAGE:
                 return
-            if m.kind == F.MessageKind.RECALL:
+            if m.kind == F.MessageKind.RECALL and not last.recalled:
                 last = dataclasses.replace(last, payload=b"", recalled=True)
-            elif m.kind == F.MessageKind.EDIT and m.server_time >= last.edited:
+            elif m.kind == F.MessageKind.EDIT and not (last.recalled or last.deleted) and m.server_time >= last.edited:
                 last = dataclasses.replace(last, payload=m.payload, edited=m.server_time)
+            elif m.kind == F.MessageKind.DELETE and m.sender == self.user and not last.deleted:
+                # Deleted for this user (only their own DELETE entries reach
+                # them): `last` shows it deleted, as the broker's list does.
+                last = dataclasses.replace(last, payload=b"", deleted=True)
+            else:
+                return
             self.conversations[m.conv] = dataclasses.replace(e, last=(last,))
             return
         counted = mentioned = False

@@ -2261,3 +2261,93 @@ def test_after_the_last_local_id_a_send_says_none_is_left_and_nothing_changes():
         with pytest.raises(EncodeError, match=r"no local id is left above the last one taken .*: give local_id"):
             s.send(CONV, b"next", T0)
     assert s.send(CONV, b"given", T0, local_id=7) == 7 and b.read()
+
+
+def _amend(position: int, target: int, kind: F.MessageKind, sender: str, payload: bytes = b"", at: int = 0) -> F.Message:
+    """A RECALL / EDIT / DELETE entry of CONV acting on seq ``target``."""
+    m = dataclasses.replace(msg(position, 0, sender=sender, server_time=at or None), kind=kind, target=target, payload=payload)
+    return m
+
+
+def test_a_list_entrys_last_never_undoes_a_deletion_nor_an_amend_the_device_holds():
+    # A new user's trial (HIGH): alice deleted bob's message for herself on
+    # one device, then any ConvUpdate (a mark_read on another) or page
+    # carried it as `last` undeleted, and the session wrote that copy over
+    # the held one: view() showed its text again on every device (and a
+    # later edit's).  The broker's `last` is now as history returns it; the
+    # session still never takes a list entry's copy of a message over a
+    # held one that is more amended -- a deletion for oneself and a recall
+    # are final, an edit is newer by its server time -- (an entry read
+    # before the amend committed may arrive after it) and the entry's
+    # `last` shows the held state.
+    s, b = listed()
+    b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))))
+    b.feed(T0, F.Push(3, (_amend(3, 2, F.MessageKind.DELETE, "alice"),)))
+
+    def shown() -> list[tuple[int, bytes, bool]]:
+        return [(m.seq, m.payload, m.deleted) for m in s.view(CONV)]
+
+    assert shown() == [(1, b"p1", False), (2, b"", True)]
+    # the delete's own push makes the entry's `last` deleted too
+    assert [(m.payload, m.deleted) for m in s.conversations[CONV].last] == [(b"", True)]
+    stale = F.ConvEntry(CONV, (msg(0, 2),), 2, 2, 0, 0, False, False, False)
+    b.feed(T0, F.ConvUpdate((stale,)))
+    rid = s.list_conversations(T0)
+    b.feed(T0, F.ConvListResp(rid, 0, (stale,), b"", False))
+    assert shown() == [(1, b"p1", False), (2, b"", True)]
+    e = s.conversations[CONV]
+    assert [(m.seq, m.payload, m.deleted) for m in e.last] == [(2, b"", True)] and e.read_seq == 2
+    # an edit pushed after the delete (its payload blanked for her) brings nothing back
+    b.feed(T0, F.Push(4, (_amend(4, 2, F.MessageKind.EDIT, "bob", b"", at=T0 + 50),)))
+    assert shown()[1] == (2, b"", True) and s.conversations[CONV].last[0].payload == b""
+    # An edit the device holds is not undone by an older copy (edited
+    # earlier), nor a recall by an unrecalled one.
+    b.feed(T0, F.Push(5, (msg(5, 5),)))
+    b.feed(T0, F.Push(6, (_amend(6, 5, F.MessageKind.EDIT, "bob", b"v2", at=T0 + 20),)))
+    older = dataclasses.replace(msg(0, 5), payload=b"v1", edited=T0 + 10)
+    stale = F.ConvEntry(CONV, (older,), 2, 5, 1, 0, False, False, False)
+    b.feed(T0, F.ConvUpdate((stale,)))
+    assert shown()[-1] == (5, b"v2", False)
+    assert [(m.payload, m.edited) for m in s.conversations[CONV].last] == [(b"v2", T0 + 20)]
+    b.feed(T0, F.Push(7, (_amend(7, 5, F.MessageKind.RECALL, "bob"),)))
+    b.feed(T0, F.ConvUpdate((stale,)))
+    assert [(m.seq, m.payload, m.recalled) for m in s.view(CONV)][-1] == (5, b"", True)
+    assert [(m.payload, m.recalled) for m in s.conversations[CONV].last] == [(b"", True)]
+    # a newer state is taken: an edit the device missed
+    b.feed(T0, F.Push(8, (msg(8, 8),)))
+    newer = dataclasses.replace(msg(0, 8), payload=b"p8 edited", edited=T0 + 90)
+    b.feed(T0, F.ConvUpdate((F.ConvEntry(CONV, (newer,), 2, 8, 1, 0, False, False, False),)))
+    assert shown()[-1] == (8, b"p8 edited", False)
+    assert s.conversations[CONV].last[0].payload == b"p8 edited"
+
+
+def test_a_read_state_never_moves_the_list_entrys_last_seq_so_a_hidden_entry_stays_hidden():
+    # A new user's trial (MEDIUM): bob sent two messages and edited the
+    # second; alice hid the chat, then marked it read.  The broker still
+    # hid it, but the session's entry said hidden=False: the ReadStates
+    # handler raised the entry's last_seq (the seq of its last message) to
+    # the read state's (the conversation's last seq, the EDIT entry
+    # included), so the ConvUpdate that followed looked older than the entry
+    # ("a newer message came") and was un-hidden; last_seq flipped 2 -> 3.
+    # One meaning per field: the entry's last_seq is its last message's.
+    s, b = listed(hidden=True)
+    b.feed(T0, F.Push(2, (msg(1, 1), msg(2, 2))))
+    b.feed(T0, F.Push(3, (_amend(3, 2, F.MessageKind.EDIT, "bob", b"two, edited", at=T0 + 30),)))
+    e = s.conversations[CONV]
+    assert (e.hidden, e.last_seq) == (True, 2)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 1, 3, 1),)))
+    e = s.conversations[CONV]
+    assert (e.hidden, e.last_seq, e.read_seq, e.unread) == (True, 2, 1, 1)
+    assert s.read_state(CONV) == F.ReadState(CONV, 1, 3, 1)  # the read state keeps its own meaning
+    edited = dataclasses.replace(msg(0, 2), payload=b"two, edited", edited=T0 + 30)
+    b.feed(T0, F.ConvUpdate((F.ConvEntry(CONV, (edited,), 1, 2, 1, 0, False, False, True),)))
+    e = s.conversations[CONV]
+    assert (e.hidden, e.last_seq, e.read_seq, e.unread) == (True, 2, 1, 1)
+    b.feed(T0, F.ReadStates((F.ReadState(CONV, 3, 3, 0),)))
+    b.feed(T0, F.ConvUpdate((F.ConvEntry(CONV, (edited,), 3, 2, 0, 0, False, False, True),)))
+    e = s.conversations[CONV]
+    assert (e.hidden, e.last_seq, e.read_seq, e.unread) == (True, 2, 3, 0)
+    # a new message still un-hides it
+    b.feed(T0, F.Push(4, (msg(4, 4),)))
+    e = s.conversations[CONV]
+    assert (e.hidden, e.last_seq, e.unread) == (False, 4, 1)

@@ -285,3 +285,38 @@ def test_amend_entries_are_not_the_last_message(store: Store, mk: Maker) -> None
     g2 = entry(store, "alice", "g2")
     assert not g2.hidden and g2.last is not None and g2.last.payload == b"wake"
     assert [x.conv for x in page(store, "alice").entries] == ["g2", "g1"]
+
+
+def test_last_is_as_history_returns_it_to_the_user_a_message_deleted_for_oneself_stays_deleted(
+    store: Store, mk: Maker
+) -> None:
+    # A new user's trial (HIGH): alice deleted bob's message for herself, yet
+    # her list entry's `last` carried it undeleted with its text -- and every
+    # ConvUpdate (a mark_read on any device) brought it back into her SDK's
+    # view; after bob edited it her list preview showed the new text.  `last`
+    # is the message as history returns it to that user: deleted, no payload.
+    from test_amend_store import DELETE, EDIT, amend
+
+    store.create_group("g1", ["alice", "bob"], now=1)
+    mk.commit(store, mk("g1", "bob", payload=b"keep"), mk("g1", "bob", payload=b"gone for alice"))
+    mk.commit(store, amend(mk, "g1", "alice", 2, DELETE))
+
+    def last(user: str):  # type: ignore[no-untyped-def]
+        e = entry(store, user, "g1")
+        assert e.last is not None and e.last_seq == 2
+        return (e.last.seq, e.last.payload, e.last.deleted)
+
+    assert last("alice") == (2, b"", True)
+    assert last("bob") == (2, b"gone for alice", False)  # for her alone
+    # the whole list, a settings change's answer (the ConvUpdate the core
+    # sends) and a read marker change agree
+    assert [(x.last.payload, x.last.deleted) for x in page(store, "alice").entries if x.last] == [(b"", True)]
+    res = setting(store, mk, "alice", "g1", pinned=ON)
+    assert isinstance(res, ConversationSet) and res.entry.last is not None
+    assert (res.entry.last.payload, res.entry.last.deleted) == (b"", True)
+    mk.commit(store, MarkRead("alice", "g1", 2))
+    assert last("alice") == (2, b"", True)
+    # a later edit by its sender brings nothing of it back to her
+    mk.commit(store, amend(mk, "g1", "bob", 2, EDIT, b"edited"))
+    assert last("alice") == (2, b"", True)
+    assert last("bob") == (2, b"edited", False)

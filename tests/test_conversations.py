@@ -325,3 +325,76 @@ async def test_the_host_lists_and_changes_settings_and_posts_with_mentions(tmp_p
                 with pytest.raises(RequestRefused) as refused:
                     await im.conversation_list("alice", cursor=b"junk")
                 assert refused.value.code is ErrorCode.BAD_CURSOR
+
+
+async def test_a_message_deleted_for_me_stays_deleted_on_every_device_through_reads_pages_and_edits(store):
+    # A new user's trial (HIGH): alice deleted bob's message for herself on
+    # one device; a mark_read on her other device sent a ConvUpdate whose
+    # `last` was the message undeleted, with its text, and both devices'
+    # view() showed it again; a conversations() page did the same, and
+    # after bob edited it her list preview showed the new text.  It stays as
+    # history says: deleted, no payload.
+    store.create_group("g", ["alice", "bob"], 0)
+    with trio.fail_after(15):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice") as a1, client(url, "alice", "a2") as a2, client(url, "bob") as b1:
+                sent = await b1.send("g", b"message alice wants gone")
+                for dev in (a1, a2):
+                    await wait_for(dev, lambda ev: isinstance(ev, MessageReceived))
+                    await dev.conversations()  # each holds the list entry
+                await a1.delete_for_me("g", sent.seq)
+                await wait_for(a2, lambda ev: getattr(ev, "entry", None) is not None and ev.entry.kind == F.MessageKind.DELETE)
+
+                def shown(dev):  # type: ignore[no-untyped-def]
+                    return ([(m.seq, m.payload, m.deleted) for m in dev.view("g")],
+                            [(m.payload, m.deleted) for m in dev.conversation_entries["g"].last])
+
+                gone = ([(sent.seq, b"", True)], [(b"", True)])
+                assert shown(a1) == shown(a2) == gone
+                await a2.mark_read("g", sent.seq)
+                ev = await wait_for(a1, lambda ev: isinstance(ev, ConversationUpdated) and ev.entry.read_seq == sent.seq)
+                assert [(m.payload, m.deleted) for m in ev.entry.last] == [(b"", True)]
+                await wait_for(a2, lambda ev: isinstance(ev, ConversationUpdated) and ev.entry.read_seq == sent.seq)
+                assert shown(a1) == shown(a2) == gone
+                [h] = await a2.fetch_history("g", 0, 10)
+                assert (h.payload, h.deleted) == (b"", True)
+                await b1.edit("g", sent.seq, b"edited text")
+                await wait_for(a1, lambda ev: getattr(ev, "entry", None) is not None and ev.entry.kind == F.MessageKind.EDIT)
+                [e] = (await a1.conversations()).entries
+                assert [(m.payload, m.deleted) for m in e.last] == [(b"", True)]
+                assert shown(a1) == gone
+            async with client(url, "bob") as b1:  # for her alone
+                [e] = (await b1.conversations()).entries
+                assert [(m.payload, m.deleted) for m in e.last] == [(b"edited text", False)]
+
+
+async def test_a_hidden_conversation_whose_last_entry_is_an_edit_stays_hidden_on_every_device_after_a_read(store):
+    # A new user's trial (MEDIUM): bob sent two messages and edited the
+    # second; alice hid the chat on a1, then marked it read.  The broker
+    # (and its pages) still hid it, but conversation_entries said
+    # hidden=False on both her devices, and its last_seq flipped between the
+    # last message's seq and the EDIT entry's.
+    store.create_group("g", ["alice", "bob"], 0)
+    with trio.fail_after(15):
+        async with serving(store) as srv:
+            url = srv.url()
+            async with client(url, "alice") as a1, client(url, "alice", "a2") as a2, client(url, "bob") as b1:
+                s1 = await b1.send("g", b"one")
+                s2 = await b1.send("g", b"two")
+                await b1.edit("g", s2.seq, b"two-edited")
+                for dev in (a1, a2):
+                    await wait_for(dev, lambda ev: getattr(ev, "entry", None) is not None and ev.entry.kind == F.MessageKind.EDIT)
+                    await dev.conversations()
+                await a1.set_conversation("g", hidden=True)
+                await wait_for(a2, lambda ev: isinstance(ev, ConversationUpdated) and ev.entry.hidden)
+                for upto in (s1.seq, s2.seq):
+                    await a1.mark_read("g", upto)
+                    for dev in (a1, a2):
+                        await wait_for(dev, lambda ev: isinstance(ev, ConversationUpdated) and ev.entry.read_seq == upto)
+                        e = dev.conversation_entries["g"]
+                        assert (e.hidden, e.last_seq, e.read_seq) == (True, s2.seq, upto)
+                        assert (await dev.conversations()).entries == []
+                        [b] = (await dev.conversations(include_hidden=True)).entries
+                        assert (b.hidden, b.last_seq) == (True, s2.seq)
+                        assert dev.conversation_entries["g"].hidden

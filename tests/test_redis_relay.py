@@ -335,3 +335,25 @@ async def test_retention_applied_on_one_node_corrects_unread_counts_on_the_other
                     await trio.sleep(0.02)
             assert bob.read_state("team").unread == 0
             assert bob.view("team") == []
+
+
+async def test_a_caught_up_read_hint_carries_the_conversations_last_seq_as_the_hint_did(redis_cluster, tmp_path) -> None:
+    """A read hint another node missed is caught up from the store
+    (ClusterOps._catch_up_one): it carried the list entry's last_seq (the
+    seq of the last message) where the hint -- a ReadState's -- carries the
+    conversation's last seq, EDIT entries included: two meanings of one
+    field (a new user's trial found the SDK un-hiding a conversation when
+    they were mixed).  Both say the conversation's last seq now."""
+    with trio.fail_after(60):
+        async with two_nodes(redis_cluster, tmp_path) as nodes, AsyncExitStack() as stack:
+            alice = await login(stack, nodes[0], "alice", "phone")
+            bob = await login(stack, nodes[0], "bob", "phone")
+            sent = await bob.send(AB, b"one")
+            edit = await bob.edit(AB, sent.seq, b"one, edited")
+            assert edit.seq == sent.seq + 1  # the EDIT entry is the conversation's last seq
+            await alice.mark_read(AB, edit.seq)
+            state = await first(alice, lambda ev: isinstance(ev, ReadStateChanged) and ev.state.read_seq == edit.seq)
+            assert state.state.last_seq == edit.seq
+            heard: list[Any] = []
+            await nodes[1].server.store.cluster._catch_up_one("alice", "rd:" + AB, lambda *hint: heard.append(hint))
+            assert heard == [("M", "alice", (AB, edit.seq, edit.seq, 0))]

@@ -1231,9 +1231,12 @@ class ConversationEntry:
 
     ``last``: the last message the user may see, i.e. the last entry of
     kind MESSAGE, JOINED or LEFT at or below :func:`last_visible` (None
-    while there is none), as it is now (recalled: its tombstone; edited:
-    the new payload); RECALL/EDIT entries (:data:`AMENDING`) never are.
-    ``last_seq`` its seq (0 if none).  ``unread`` as
+    while there is none), as it is now and as history returns it to the
+    user (recalled: its tombstone; edited: the new payload; deleted by the
+    user for themselves: ``deleted``, no payload, whatever edits follow);
+    RECALL/EDIT entries (:data:`AMENDING`) never are.
+    ``last_seq`` its seq (0 if none): not the conversation's last seq
+    (ReadState.last_seq), which counts RECALL/EDIT entries too.  ``unread`` as
     :meth:`Store.unread`.  ``mention_count``: entries after the read marker
     that mention the user (by id or everyone, from someone else, at a seq
     the user was a member at); it drops as the marker passes them.

@@ -3503,7 +3503,10 @@ class LmdbStore(Store):
                     raise StoreError(f"{conv!r} has no seq {last_seq} (store corrupt)")
                 break  # removed by retention
             if not (len(ref) > 16 and ref[16] == MessageKind.EDIT):
-                m = self._load(txn, ref[:16])
+                # Loaded for ``user``, as history returns it to them: one they
+                # deleted for themselves is `deleted`, no payload (else every
+                # ConvUpdate brought it back into their devices' views).
+                m = self._load(txn, ref[:16], user)
                 if m.kind not in AMENDING:
                     last = m
                     break

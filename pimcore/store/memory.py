@@ -970,6 +970,11 @@ class MemoryStore(Store):
             if last is None or last.kind not in AMENDING:
                 break
             seq, last = seq - 1, None
+        if last is not None:
+            # As history returns it to this user: one they deleted for
+            # themselves is `deleted`, no payload (else every ConvUpdate
+            # brought it back into their devices' views, with later edits).
+            last = self._current(last, user)
         marker = self._reads.get((user, conv), 0)
         mentions = 0
         for lo, hi in member_ranges(spans):

@@ -1800,7 +1800,10 @@ class RedisStore(AsyncStore):
                 break  # removed by retention
             m = _dec_msg(v)
             if m.kind not in AMENDING:
-                last = m
+                # As history returns it to ``user``: one they deleted for
+                # themselves is `deleted`, no payload (else every ConvUpdate
+                # brought it back into their devices' views).
+                (last,) = await self._current(tx, [m], user)
                 break
             seq -= 1
         marker = _int(await tx.get(self._k_user(user), "rd:" + conv))

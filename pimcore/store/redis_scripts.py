@@ -2134,8 +2134,13 @@ class ClusterOps:
         uk = s._k_user(user)
         what, _, key = member.partition(":")
         if what == "rd":
-            e = await s._entry(_Tx(s), user, key)
-            deliver("M", user, (key, e.read_seq, e.last_seq, e.unread))
+            # The hint a MarkRead sends (ReadMarked): a ReadState's last_seq
+            # is the last seq the user may see, RECALL/EDIT entries included
+            # -- not the list entry's (the seq of its last message).
+            tx = _Tx(s)
+            e = await s._entry(tx, user, key)
+            last = last_visible(await s._spans_of(tx, key, user), int(await tx.get(s._k_conv(key), "last") or 0))
+            deliver("M", user, (key, e.read_seq, last, e.unread))
         elif what == "rc":
             pair = direct_members(key)
             if pair is not None and user in pair:

@@ -135,6 +135,27 @@ const FINAL_CODES = new Set([ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_CONVERSATI
   ErrorCode.NO_SUCH_MESSAGE, ErrorCode.NOT_SENDER, ErrorCode.TOO_LATE, ErrorCode.RECALLED, ErrorCode.BAD_ACTION,
   ErrorCode.TOO_MANY_MENTIONS, ErrorCode.BAD_MENTION, ErrorCode.PURGED]);
 const AMEND_KINDS = new Set([MessageKind.RECALL, MessageKind.EDIT, MessageKind.DELETE]);
+
+// `m` -- a copy of a message from a list entry's `last` or a history page --
+// as this client may hold it, given the copy it `held` (same msg_id):
+// never behind it.  A deletion for oneself and a recall are final, an edit
+// is newer by its server time (`edited`): an answer read before an amend
+// committed can arrive after the amend's push, and a list entry's `last`
+// once carried a message deleted for oneself undeleted, with its text (a
+// new user's trial: it came back in view() at the next page).  Both flags
+// stay set once set; the payload is the held one's when the held copy is
+// further along.  Other fields are `m`'s (a list entry's position 0).  The
+// Python SDK's _not_behind is the same rule.
+function notBehind(held, m) {
+  if (!held || held.seq !== m.seq || m.kind !== MessageKind.MESSAGE) return m;
+  const deleted = !!(held.deleted || m.deleted), recalled = !!(held.recalled || m.recalled);
+  const he = held.edited || 0, me = m.edited || 0;
+  if (deleted || recalled) {
+    if (deleted === !!m.deleted && recalled === !!m.recalled && m.payload.length === 0) return m;
+    return { ...m, payload: new Uint8Array(0), deleted, recalled, edited: he > me ? he : me };
+  }
+  return he > me ? { ...m, payload: held.payload, edited: he } : m;
+}
 const QUICK_RECONNECT = new Set([CloseCode.SHUTDOWN, CloseCode.IDLE_TIMEOUT, CloseCode.TOKEN_EXPIRED, CloseCode.NORMAL]);
 const utf8 = new TextEncoder();
 /** The broker's limit on a frame before it grants the Login (bytes after the
@@ -961,7 +982,8 @@ export class PimcoreClient {
       case FrameType.READ_RECEIPT: this._onReceipt(f); break;
       case FrameType.HISTORY_RESP: case FrameType.READERS_RESP: this._onResponse(f); break;
       case FrameType.CONV_LIST_RESP: case FrameType.CONV_SET_RESP: this._onResponse(f); break;
-      case FrameType.CONV_UPDATE: for (const e of f.entries) this._emit('conversation', e); break;
+      // (The entry as this client may show it: its `last` never behind the copy held.)
+      case FrameType.CONV_UPDATE: for (const e of f.entries) this._emit('conversation', this._notBehindEntry(e)); break;
       case FrameType.CONV_PURGED: this._onConvPurged(f); break;
       case FrameType.PONG: if (this._ping && f.nonce === this._ping.nonce) this._ping = null; break;
       case FrameType.TYPING: this._onTyping(f, now); break;
@@ -1636,8 +1658,11 @@ export class PimcoreClient {
       return;
     }
     if (f.type === FrameType.CONV_LIST_RESP) {
-      for (const e of f.entries) for (const m of e.last) this._addToView(m);
-      r.resolve({ entries: f.entries, cursor: f.cursor, more: f.more });
+      // Each entry's `last` never behind the copy view() holds (notBehind),
+      // and view() takes it by the same rule (_addToView).
+      const entries = f.entries.map((e) => this._notBehindEntry(e));
+      for (const e of entries) for (const m of e.last) this._addToView(m);
+      r.resolve({ entries, cursor: f.cursor, more: f.more });
       return;
     }
     if (f.type === FrameType.CONV_SET_RESP) { r.resolve(); return; }
@@ -1648,6 +1673,13 @@ export class PimcoreClient {
       }
       r.resolve({ messages: f.messages, more: f.more });
     } else r.resolve(f.readers);
+  }
+  /** `e` (a ConvEntry) with its `last` never behind the copy view() holds (notBehind). */
+  _notBehindEntry(e) {
+    const v = this._views.get(e.conv);
+    if (!v || !e.last.length) return e;
+    const last = e.last.map((m) => notBehind(v.get(toHex(m.msg_id)), m));
+    return last.every((m, i) => m === e.last[i]) ? e : { ...e, last };
   }
   _heldMessage(conv, seq) {
     const seqs = this._viewSeqs.get(conv), key = seqs && seqs.get(seq);
@@ -1673,7 +1705,7 @@ export class PimcoreClient {
       if (counted && (t ? t.sender : e.sender) !== this.user) rs.unread--;
       if (t && !t.recalled) n = { ...t, payload: new Uint8Array(0), recalled: true };
     } else if (e.kind === MessageKind.EDIT) {
-      if (t && !t.recalled && e.server_time >= (t.edited || 0)) n = { ...t, payload: e.payload, edited: e.server_time };
+      if (t && !t.recalled && !t.deleted && e.server_time >= (t.edited || 0)) n = { ...t, payload: e.payload, edited: e.server_time };
     } else if (t) { // DELETE: for this user only
       if (counted && t.sender !== this.user) rs.unread--;
       n = { ...t, payload: new Uint8Array(0), deleted: true };
@@ -1695,6 +1727,9 @@ export class PimcoreClient {
     if (!h) { h = []; this._viewHeaps.set(m.conv, h); }
     if (!seqs) { seqs = new Map(); this._viewSeqs.set(m.conv, seqs); }
     const key = toHex(m.msg_id), held = v.get(key);
+    // (A copy behind the held one -- an older answer, a stale list entry --
+    // never undoes a deletion, a recall or a newer edit.)
+    m = notBehind(held, m);
     v.set(key, m);
     if (held && held.seq !== m.seq && seqs.get(held.seq) === key) seqs.delete(held.seq);
     if (m.kind === MessageKind.MESSAGE) seqs.set(m.seq, key);

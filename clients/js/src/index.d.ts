@@ -34,11 +34,17 @@ export interface Message {
   mentions: { user: string }[]; mention_all: boolean;
 }
 /** One entry of the conversation list (ConvEntry, PROTOCOL.md section 4). */
+/**
+ * One conversation of the user's list (listConversations, 'conversation' events): `last` the last message as history
+ * returns it to this user (deleted for oneself: `deleted`, no payload), never behind the copy view() holds;
+ * `last_seq` its seq (0 if none) -- not ReadState's `last_seq`, the conversation's last seq with RECALL/EDIT entries.
+ */
 export interface ConvEntry {
   conv: string; last: Message[]; read_seq: Int; last_seq: Int; unread: Int; mention_count: Int;
   pinned: boolean; muted: boolean; hidden: boolean;
 }
 export declare const Setting: Readonly<{ KEEP: 0; ON: 1; OFF: 2 }>;
+/** `last_seq`: the conversation's last seq (RECALL/EDIT entries included), not a ConvEntry's. */
 export interface ReadState { conv: string; read_seq: Int; last_seq: Int; unread: Int }
 export interface Reader { user: string; read_seq: Int }
 /** A user's presence: `last_seen` µs of the broker's clock, 0 while online, hidden by the user, or unknown. */

@@ -69,4 +69,51 @@ describe('live broker', () => {
     assert.deepEqual((await phone.listConversations()).entries.map((e) => e.conv), ['crew', directConv('amy', 'ben')]);
     await ben.close(); await phone.close(); await laptop.close();
   });
+
+  // A new user's trial (HIGH): dot deleted eli's message for herself on her
+  // phone; a markRead on her tablet sent a 'conversation' update whose `last`
+  // was the message undeleted, with its text, and a page (listConversations)
+  // wrote that copy into view() on top of the deleted one; after eli edited
+  // it her list preview showed the new text.  The broker's `last` is now as
+  // history returns it, and the client never takes a list entry's copy over
+  // a held one that is further along (an entry read before the delete
+  // committed can arrive after it): view() and the entries stay deleted.
+  test('a message deleted for me stays deleted in view() and the list entries: reads, pages, edits, a stale entry', async () => {
+    pimcore(broker, 'group', 'create', 'gone', 'dot', 'eli');
+    const eli = client(broker, 'eli');
+    const phone = client(broker, 'dot', { device: 'phone' }); const tablet = client(broker, 'dot', { device: 'tablet' });
+    const amended = []; tablet.on('amended', (ev) => amended.push(ev));
+    await eli.connect(); await phone.connect(); await tablet.connect();
+    const sent = await eli.send('gone', 'dot wants this gone');
+    await until(() => phone.received.length === 1 && tablet.received.length === 1, 5000, 'both devices get it');
+    const original = { ...tablet.view('gone')[0], position: 0 };
+    await phone.deleteForMe('gone', sent.seq);
+    await until(() => amended.length === 1, 5000, 'the tablet learns the deletion');
+    const shown = (dev) => dev.view('gone').map((m) => [Number(m.seq), text(m), !!m.deleted]);
+    const lastOf = (e) => e.last.map((m) => [text(m), !!m.deleted]);
+    const gone = [[Number(sent.seq), '', true]];
+    assert.deepEqual(shown(phone), gone); assert.deepEqual(shown(tablet), gone);
+    tablet.markRead('gone', sent.seq);
+    await until(() => phone.updates.some((e) => e.conv === 'gone' && Number(e.read_seq) === Number(sent.seq)), 5000, 'the read reaches the phone');
+    assert.deepEqual(lastOf(phone.updates.find((e) => Number(e.read_seq) === Number(sent.seq))), [['', true]]);
+    for (const dev of [phone, tablet]) {
+      const [e] = (await dev.listConversations()).entries;
+      assert.deepEqual(lastOf(e), [['', true]]);
+      assert.deepEqual(shown(dev), gone);
+    }
+    await eli.edit('gone', sent.seq, 'edited text');
+    await until(() => amended.length === 2, 5000, 'the edit reaches the tablet');
+    assert.deepEqual(lastOf((await tablet.listConversations()).entries[0]), [['', true]]);
+    assert.deepEqual(shown(tablet), gone);
+    assert.deepEqual(lastOf((await eli.listConversations()).entries[0]), [['edited text', false]], 'for her alone');
+    // An entry read before the delete, arriving after it (a ConvUpdate, a page).
+    const stale = { conv: 'gone', last: [original], read_seq: 0, last_seq: sent.seq, unread: 1, mention_count: 0, pinned: false, muted: false, hidden: false };
+    tablet._handle(frame('ConvUpdate', { entries: [stale] }), tablet.opts.now());
+    assert.deepEqual(lastOf(tablet.updates[tablet.updates.length - 1]), [['', true]]);
+    const pending = tablet.listConversations();
+    const reqId = [...tablet._requests.keys()].pop();
+    tablet._handle(frame('ConvListResp', { req_id: reqId, code: 0, entries: [stale], cursor: new Uint8Array(0), more: false }), tablet.opts.now());
+    assert.deepEqual(lastOf((await pending).entries[0]), [['', true]]);
+    assert.deepEqual(shown(tablet), gone);
+  });
 });
