@@ -802,3 +802,52 @@ def test_listeners_come_from_the_host_never_the_environment_and_other_variables_
         monkeypatch.setenv("PIMCORE_CONFIG", str(conf))  # a file named by the environment: no listener from it
         with _start(tmp_path / "d") as im:
             assert im.urls == []
+
+
+def test_two_brokers_whose_handlers_close_each_other_get_would_deadlock_not_a_hang(tmp_path: Path) -> None:
+    """A new user's trial: A's event handler closed B while B's handler
+    closed A.  close() waits for the broker's handlers to return, so each
+    waited for the other for good (and a later close of A from the main
+    thread hung too).  The call that would close the wait-for cycle raises
+    WouldDeadlock; the other one goes through.  Run under timeouts: without
+    the detection the handlers never return and the test fails (the stuck
+    brokers are left behind, not closed, so it does not hang)."""
+    a = _start(tmp_path / "a", events=True)
+    b = _start(tmp_path / "b", events=True)
+    for im in (a, b):
+        im.create_group("g", ["alice"])
+        im.post("g", b"x")
+    outcomes: dict[str, str] = {}
+    both = threading.Barrier(2, timeout=10)  # both handlers are running before either closes
+    returned = [threading.Event(), threading.Event()]
+
+    def handler_for(other, name: str, i: int):
+        def handler(ev) -> bool:
+            if name not in outcomes:
+                outcomes[name] = "running"
+                both.wait()
+                try:
+                    other.close()
+                    outcomes[name] = "closed"
+                except WouldDeadlock:
+                    outcomes[name] = "deadlock"
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    outcomes[name] = repr(exc)
+                returned[i].set()
+            return True
+        return handler
+
+    a.set_event_handler(handler_for(b, "a", 0))
+    b.set_event_handler(handler_for(a, "b", 1))
+    assert returned[0].wait(15) and returned[1].wait(15), f"the handlers hung in close(): {outcomes}"
+    assert sorted(outcomes.values()) == ["closed", "deadlock"], outcomes
+    closed = a if outcomes["b"] == "closed" else b
+    other = b if closed is a else a
+    assert closed.closed
+    with pytest.raises(BrokerStopped):
+        closed.post("g", b"y")
+    other.post("g", b"still up")  # the refused close did nothing
+    done = threading.Thread(target=other.close, daemon=True)
+    done.start()
+    done.join(15)
+    assert not done.is_alive(), "closing the other broker from the main thread hung"

@@ -20,6 +20,9 @@
  *       two threads set one consumer's event callback at once, then one
  *       removes it: no call after the removal, never two calls at once,
  *       ids in order
+ *   test_abi cross-stop DATA_DIR
+ *       two brokers whose event callbacks stop each other: one stop gets
+ *       PIM_ERR_WOULD_DEADLOCK, the other stops its broker, nothing hangs
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -946,6 +949,62 @@ static int run_callback_race(const char *dir)
     return failures != 0;
 }
 
+/* cross-stop (a new user's trial): broker A's event callback stops B while
+ * B's callback stops A.  A stop waits for the broker's callbacks to return,
+ * so both waited for each other for good, and a pim_broker_free(A) from
+ * main after that hung too.  The stop that would close the cycle fails
+ * with PIM_ERR_WOULD_DEADLOCK; the other stops its broker.  The caller
+ * (test_cabi.py) runs this under a timeout: without the detection it hangs. */
+static pim_broker *xs_broker[2];
+static pthread_barrier_t xs_barrier;
+static int xs_rc[2] = {-1, -1}, xs_started[2];
+
+static int xs_cb(const pim_event *e, void *u)
+{
+    int me = (int)(intptr_t)u;
+    (void)e;
+    if (!xs_started[me]) {
+        xs_started[me] = 1;
+        pthread_barrier_wait(&xs_barrier); /* both callbacks run before either stops the other */
+        xs_rc[me] = pim_broker_stop(xs_broker[1 - me]);
+    }
+    return PIM_EVENT_ACK;
+}
+
+static int run_cross_stop(const char *dir)
+{
+    char json[600];
+    const char *members[] = {"alice"};
+    pthread_barrier_init(&xs_barrier, NULL, 2);
+    for (int i = 0; i < 2; i++) {
+        snprintf(json, sizeof json, "{\"data_dir\": \"%s/%c\", \"durability\": \"os\", \"server\": {\"events\": true}}",
+                 dir, 'a' + i);
+        CHECK_RC(pim_broker_start(json, &xs_broker[i]), PIM_OK);
+        if (!xs_broker[i])
+            return 1;
+        CHECK_RC(pim_group_create(xs_broker[i], "g", members, 1), PIM_OK);
+        CHECK_RC(pim_post(xs_broker[i], "g", NULL, NULL, "x", 1, NULL, NULL, NULL), PIM_OK);
+    }
+    for (int i = 0; i < 2; i++)
+        CHECK_RC(pim_set_event_callback(xs_broker[i], NULL, xs_cb, (void *)(intptr_t)i, 0), PIM_OK);
+    double until = now_s() + 20;
+    while ((xs_rc[0] < 0 || xs_rc[1] < 0) && now_s() < until)
+        usleep(10000);
+    CHECK(xs_rc[0] >= 0 && xs_rc[1] >= 0, "both callbacks' stops returned (%d, %d)", xs_rc[0], xs_rc[1]);
+    CHECK((xs_rc[0] == PIM_OK && xs_rc[1] == PIM_ERR_WOULD_DEADLOCK) ||
+              (xs_rc[0] == PIM_ERR_WOULD_DEADLOCK && xs_rc[1] == PIM_OK),
+          "one stop went through, the one closing the cycle is PIM_ERR_WOULD_DEADLOCK (%s, %s)", pim_strerror(xs_rc[0]),
+          pim_strerror(xs_rc[1]));
+    int stopped = xs_rc[1] == PIM_OK ? 0 : 1; /* the broker the callback that got PIM_OK stopped */
+    CHECK_RC(pim_post(xs_broker[stopped], "g", NULL, NULL, "y", 1, NULL, NULL, NULL), PIM_ERR_STOPPED);
+    CHECK_RC(pim_post(xs_broker[1 - stopped], "g", NULL, NULL, "y", 1, NULL, NULL, NULL), PIM_OK);
+    for (int i = 0; i < 2; i++)
+        CHECK_RC(pim_broker_free(xs_broker[i]), PIM_OK);
+    pthread_barrier_destroy(&xs_barrier);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -974,8 +1033,10 @@ int main(int argc, char **argv)
         return run_fork(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "callback-race") == 0)
         return run_callback_race(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "cross-stop") == 0)
+        return run_cross_stop(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR | cross-stop DATA_DIR\n", argv[0]);
     return 2;
 }
