@@ -645,7 +645,15 @@ class ThreadedPimcore:
                     if handler is not None:
                         await handle.event_cursor(consumer)  # RequestRefused for a bad consumer name, here
                         await handle._hold_events(consumer)  # its cursor exists before this returns: nothing reclaimed under it
-                        assert self._nursery is not None
+                        assert self._nursery is not None and self._stop is not None
+                        if self._stop.is_set():
+                            # close() ended (or is ending) the nursery the
+                            # dispatcher would run in: start() raised
+                            # "Nursery is closed to new arrivals", an internal
+                            # error through the C ABI (a new user's trial).
+                            # No checkpoint between this check and start():
+                            # the nursery is open when the stop is not set.
+                            raise BrokerStopped("the broker was stopped during the call")
                         self._handlers[consumer] = await self._nursery.start(self._dispatch, handler, consumer, on_loop)
             finally:
                 if not lock.locked() and lock.statistics().tasks_waiting == 0:

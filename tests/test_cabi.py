@@ -561,6 +561,18 @@ def test_two_brokers_whose_callbacks_stop_each_other_get_would_deadlock_not_a_ha
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_set_event_callback_racing_stop_is_ok_or_stopped(abi_exe: Path, tmp_path: Path) -> None:
+    """A new user's trial (setcb_stop.c): pim_set_event_callback racing
+    pim_broker_stop returned PIM_ERR_INTERNAL "RuntimeError: Nursery is
+    closed to new arrivals" in 8 of 20 rounds."""
+    try:
+        done = subprocess.run([str(abi_exe), "setcb-stop", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"setcb-stop hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 def test_the_version_the_header_quotes_is_the_headers_version() -> None:
     """pimcore.h said pim_version returns "0.2.0" while the header (and so
     the library) was 0.3.0 (a new user's trial): a version written out in

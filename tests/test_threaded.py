@@ -851,3 +851,42 @@ def test_two_brokers_whose_handlers_close_each_other_get_would_deadlock_not_a_ha
     done.start()
     done.join(15)
     assert not done.is_alive(), "closing the other broker from the main thread hung"
+
+
+def test_set_event_handler_racing_close_is_ok_or_broker_stopped(tmp_path: Path) -> None:
+    """A new user's trial (pim_set_event_callback racing pim_broker_stop):
+    8 of 20 rounds got RuntimeError("Nursery is closed to new arrivals"),
+    PIM_ERR_INTERNAL through the C ABI -- the swap started the new
+    dispatcher after close() had ended the broker's nursery.  Every call
+    returns, or raises BrokerStopped."""
+    unexpected: list[str] = []
+
+    def handler(ev) -> bool:
+        return True
+
+    for round_ in range(20):
+        im = _start(tmp_path / f"d{round_}", events=True)
+        stop = threading.Event()
+
+        def setter(consumer: str) -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    im.set_event_handler(handler if i % 2 else None, consumer)
+                except BrokerStopped:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    unexpected.append(repr(exc))
+                i += 1
+
+        threads = [threading.Thread(target=setter, args=(f"c{i % 2}",), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(0.1)
+        im.close()
+        threading.Event().wait(0.02)
+        stop.set()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive(), "a set_event_handler call hung"
+    assert unexpected == []

@@ -23,6 +23,9 @@
  *   test_abi cross-stop DATA_DIR
  *       two brokers whose event callbacks stop each other: one stop gets
  *       PIM_ERR_WOULD_DEADLOCK, the other stops its broker, nothing hangs
+ *   test_abi setcb-stop DATA_DIR
+ *       pim_set_event_callback racing pim_broker_stop: PIM_OK or
+ *       PIM_ERR_STOPPED, never PIM_ERR_INTERNAL
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -1005,6 +1008,64 @@ static int run_cross_stop(const char *dir)
     return failures != 0;
 }
 
+/* setcb-stop (a new user's trial): pim_set_event_callback from 4 threads
+ * while another stops the broker returned PIM_ERR_INTERNAL ("Nursery is
+ * closed to new arrivals") in 8 of 20 rounds.  Now PIM_OK or PIM_ERR_STOPPED. */
+static pim_broker *scs_broker;
+static volatile int scs_done;
+static int scs_unexpected;
+static pthread_mutex_t scs_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int scs_cb(const pim_event *e, void *u)
+{
+    (void)e;
+    (void)u;
+    return PIM_EVENT_ACK;
+}
+
+static void *scs_setter(void *arg)
+{
+    const char *consumer = (intptr_t)arg & 1 ? "c1" : "c2";
+    for (int i = 0; !scs_done; i++) {
+        int rc = pim_set_event_callback(scs_broker, consumer, (i & 1) ? scs_cb : NULL, NULL, 0);
+        if (rc != PIM_OK && rc != PIM_ERR_STOPPED) {
+            pthread_mutex_lock(&scs_mu);
+            if (!scs_unexpected++)
+                printf("     first unexpected: %s: %s\n", pim_strerror(rc), pim_last_error());
+            pthread_mutex_unlock(&scs_mu);
+        }
+    }
+    return NULL;
+}
+
+static int run_setcb_stop(const char *dir)
+{
+    char json[600];
+    snprintf(json, sizeof json, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true}}", dir);
+    for (int round = 0; round < 20; round++) {
+        int rc = pim_broker_start(json, &scs_broker);
+        if (rc != PIM_OK) {
+            CHECK_RC(rc, PIM_OK);
+            return 1;
+        }
+        scs_done = 0;
+        pthread_t t[4];
+        for (intptr_t i = 0; i < 4; i++)
+            pthread_create(&t[i], NULL, scs_setter, (void *)i);
+        usleep(100000);
+        pim_broker_stop(scs_broker);
+        usleep(20000);
+        scs_done = 1;
+        for (int i = 0; i < 4; i++)
+            pthread_join(t[i], NULL);
+        pim_broker_free(scs_broker);
+    }
+    CHECK(scs_unexpected == 0, "set_event_callback racing stop: PIM_OK or PIM_ERR_STOPPED only (%d others)",
+          scs_unexpected);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1035,8 +1096,10 @@ int main(int argc, char **argv)
         return run_callback_race(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "cross-stop") == 0)
         return run_cross_stop(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "setcb-stop") == 0)
+        return run_setcb_stop(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR | cross-stop DATA_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR | cross-stop DATA_DIR | setcb-stop DATA_DIR\n", argv[0]);
     return 2;
 }
