@@ -645,6 +645,70 @@ def test_an_asyncio_handle_called_from_another_event_loop_raises_before_posting(
     assert box["history"] == []
 
 
+def test_the_asyncio_handles_plain_methods_from_another_thread_raise_before_doing_anything(tmp_path: Path) -> None:
+    """A new user's trial: kick() from a thread other than the loop's
+    half-applied -- the host events said kicked/offline and online_devices
+    lost the session, but the client never got Close(KICKED) -- and raised
+    AttributeError("'RunContext' object has no attribute 'runner'").  Every
+    plain method (kick, online_devices, statistics, issue_token, events)
+    raises RuntimeError from another thread now, with nothing done, as the
+    coroutine methods do from another loop."""
+    from pimcore.asyncio import open_pimcore as open_asyncio
+
+    async def main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], events=True) as im:
+            await im.create_group("team", ["alice"])
+            url, token = im.urls[0], im.issue_token("alice")
+            got: list[object] = []
+            connected, finish = threading.Event(), threading.Event()
+
+            def client() -> None:
+                async def run() -> None:
+                    with trio.move_on_after(20):
+                        async with open_client(url, token, "phone") as c:
+                            connected.set()
+                            while not finish.is_set():
+                                await trio.sleep(0.01)
+                            got.append("still connected")
+                trio.run(run)
+
+            t = threading.Thread(target=client, daemon=True)
+            t.start()
+            await asyncio.wait_for(asyncio.to_thread(connected.wait, 20), 30)
+            while im.online_devices("alice") != ["phone"]:
+                await asyncio.sleep(0.01)
+            calls = {
+                "kick": lambda: im.kick("alice", reason="from another thread"),
+                "online_devices": lambda: im.online_devices("alice"),
+                "statistics": im.statistics,
+                "issue_token": lambda: im.issue_token("alice"),
+                "events": lambda: im.events("x"),
+            }
+            outcomes: dict[str, str] = {}
+
+            def from_a_thread() -> None:
+                for name, call in calls.items():
+                    try:
+                        call()
+                        outcomes[name] = "returned"
+                    except RuntimeError as exc:
+                        outcomes[name] = "refused" if "nothing was done" in str(exc) else repr(exc)
+                    except BaseException as exc:  # noqa: BLE001 - what the test reports
+                        outcomes[name] = repr(exc)
+
+            await asyncio.wait_for(asyncio.to_thread(from_a_thread), 20)
+            assert outcomes == {name: "refused" for name in calls}
+            await asyncio.sleep(0.2)
+            assert im.online_devices("alice") == ["phone"]  # nothing was done
+            _, events = await im.next_events("x", after=0)
+            assert [e.type for e in events if e.type in ("kicked", "offline")] == []
+            finish.set()
+            await asyncio.wait_for(asyncio.to_thread(t.join, 20), 30)
+            assert got == ["still connected"]
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_the_asyncio_handle_has_online_anywhere(tmp_path: Path) -> None:
     from pimcore.asyncio import open_pimcore as open_asyncio
 
