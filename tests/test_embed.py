@@ -645,6 +645,40 @@ def test_an_asyncio_handle_called_from_another_event_loop_raises_before_posting(
     assert box["history"] == []
 
 
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_a_filter_reason_that_is_not_utf8_still_refuses_a_clients_send_as_a_host_post(tmp_path: Path,
+                                                                                           kind: str) -> None:
+    """A new user's trial: a content filter answering "bad\\x00...\\ud800" (a
+    lone surrogate) left the client's send unanswered -- "internal error in
+    content_checked ... EncodeError: field 'reason'" -- while a host post
+    with the same filter was refused.  Both are refused with REJECTED and
+    the reason, its unencodable characters replaced."""
+    from pimcore.client_session import SendError
+
+    def plain(user: str, conv: str, payload: bytes):
+        return "bad\x00\x1b[2Jword\ud800" if payload == b"ctl" else None
+
+    async def in_trio(user: str, conv: str, payload: bytes):
+        return plain(user, conv, payload)
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"],
+                                content_filter=plain if kind == "plain" else in_trio) as im:
+            await im.create_group("team", ["alice"])
+            with pytest.raises(RequestRefused) as host:
+                await im.post("team", b"ctl", sender="alice", device="host")
+            assert host.value.code is ErrorCode.REJECTED
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as alice:
+                with pytest.raises(SendError) as client:
+                    with trio.fail_after(10):
+                        await alice.send("team", b"ctl")
+                assert (await alice.send("team", b"fine")).seq == 1  # the connection goes on
+            assert client.value.code is ErrorCode.REJECTED
+            assert client.value.reason == "bad\x00\x1b[2Jword\ufffd"
+            assert str(host.value).endswith("refused: " + client.value.reason)  # the same words
+            assert im.statistics().internal_errors == 0
+
+
 def test_the_asyncio_handles_plain_methods_from_another_thread_raise_before_doing_anything(tmp_path: Path) -> None:
     """A new user's trial: kick() from a thread other than the loop's
     half-applied -- the host events said kicked/offline and online_devices
