@@ -228,7 +228,7 @@ PIM_EXPORT int pim_kick(pim_broker *b, const char *user, const char *device, con
 /* Refuse user's tokens (only device's if not NULL; "" is PIM_ERR_INVALID)
  * issued before before_us (µs since the Unix epoch; 0: now), durably, and
  * end the live sessions using one.  *out_before (may be NULL): the time in
- * force. */
+ * force (for device, the later of the user's and the device's). */
 PIM_EXPORT int pim_revoke(pim_broker *b, const char *user, const char *device, int64_t before_us,
                           int64_t *out_before);
 /* A login token for user (bound to device if not NULL), valid ttl_seconds,

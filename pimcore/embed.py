@@ -806,7 +806,8 @@ class Pimcore:
         is refused in those few seconds: :meth:`issue_token` stamps its
         tokens at the bound then; sign your own with
         ``pimcore.auth.issue_token(..., now=bound / 1e6)`` or later.  Returns the
-        revocation time in force (µs).  Raises
+        revocation time in force (µs) -- for ``device``, the later of the
+        user-wide one and the device's, since both apply to its tokens.  Raises
         RequestRefused (BAD_REQUEST: an invalid id -- ``""`` too, omit
         ``device`` for all devices --, ``before`` 0, which would revoke no
         token (the C ABI's 0 means now: here omit it), or ``before`` later

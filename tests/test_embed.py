@@ -645,6 +645,24 @@ def test_an_asyncio_handle_called_from_another_event_loop_raises_before_posting(
     assert box["history"] == []
 
 
+async def test_a_device_revoke_returns_the_bound_in_force_for_the_device_the_users_included(tmp_path: Path) -> None:
+    """A new user's trial: after revoke("alice") at T, revoke("alice",
+    "phone", before=1) returned 1, though the user-wide revocation at T
+    still applies to the phone.  It returns what is in force for the device,
+    the later of the user's and the device's -- after a restart too (the
+    store's answer, not this broker's memory)."""
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            t = await im.revoke("alice")
+            assert await im.revoke("alice", "phone", before=1) == t
+            assert await im.revoke("alice", before=1) == t
+            later = await im.revoke("alice", "laptop")
+            assert later >= t and await im.revoke("alice", "laptop", before=1) == later
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            assert await im.revoke("alice", "tablet", before=1) == t
+            assert await im.revoke("bob", "phone", before=5) == 5  # no user-wide one: the device's
+
+
 @pytest.mark.parametrize("kind", ["plain", "async"])
 async def test_a_filter_reason_that_is_not_utf8_still_refuses_a_clients_send_as_a_host_post(tmp_path: Path,
                                                                                            kind: str) -> None:
