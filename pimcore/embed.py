@@ -98,8 +98,11 @@ MAX_TOKEN_TTL = 366 * 24 * 3600
 
 def token_ttl_problem(ttl: object) -> Optional[str]:
     """Why ``ttl`` is no token lifetime :meth:`Pimcore.issue_token` (and
-    ``pimcore token``) issues -- None if it is one: 1 .. MAX_TOKEN_TTL s."""
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
+    ``pimcore token``) issues -- None if it is one: an int, 1 ..
+    MAX_TOKEN_TTL s (as POST /v1/tokens and the C ABI take it)."""
+    if type(ttl) is not int:
+        return f"ttl must be whole seconds, 1..{MAX_TOKEN_TTL} (366 days), got {ttl!r:.40}"
+    if not 1 <= ttl <= MAX_TOKEN_TTL:
         return f"ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}"
     return None
 
@@ -433,13 +436,20 @@ class Pimcore:
         the broker's secret, issued now -- or at the revocation in force
         for the user (or the device) when this broker knows one later than
         now (:meth:`revoke`), so that a token issued right after a
-        revocation logs in.  Raises ValueError for invalid ids or ttl,
+        revocation logs in.  Raises ValueError for invalid ids or a ttl out
+        of range, TypeError for a ttl that is no int (1.5: whole seconds),
         RuntimeError if the broker was opened with its own authenticator (it
         has no secret to sign with)."""
         self.server.check_running()
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
-        problem = token_ttl_problem(ttl)
+        if isinstance(ttl, bool) or not isinstance(ttl, int):
+            # Whole seconds, as documented and as POST /v1/tokens and the C
+            # ABI take it: a float was taken and its token lived less than
+            # ttl (a new user's trial; exp is rounded up now as well).
+            raise TypeError(f"cannot issue a token: ttl must be an int of seconds, 1..{MAX_TOKEN_TTL} (366 days),"
+                            f" not {type(ttl).__name__} {ttl!r:.40}")
+        problem = token_ttl_problem(int(ttl))
         if problem is not None:
             raise ValueError(f"cannot issue a token: {problem}")
         # Stamped at the revocation in force when this broker knows one later

@@ -645,6 +645,43 @@ def test_an_asyncio_handle_called_from_another_event_loop_raises_before_posting(
     assert box["history"] == []
 
 
+def _claims(token: str) -> dict:
+    import base64
+    import json
+
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+
+async def test_a_token_lives_at_least_its_ttl_and_a_ttl_that_is_no_int_is_refused(tmp_path: Path) -> None:
+    """A new user's trial: issue_token(ttl=1.5) gave a token that lived
+    ~0.66 s, under the documented 1 s minimum: exp was cut to a whole second
+    below iat + ttl (iat is to the µs) -- with ttl=1 too.  exp is rounded up
+    now (a token lives at least ttl), and ttl is an int of seconds, as
+    documented and as POST /v1/tokens takes it: a float, str or None is
+    TypeError, nothing issued."""
+    from pimcore.threaded import open_pimcore_thread
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for _ in range(20):  # (iat's fraction differs each time)
+                claims = _claims(im.issue_token("alice", ttl=1))
+                assert claims["exp"] >= claims["iat"] + 1, claims
+            for bad in (1.5, 1.0, 3600.0, float("nan"), "60", None):
+                with pytest.raises(TypeError, match="ttl"):
+                    im.issue_token("alice", ttl=bad)
+            for bad in (0, -1):
+                with pytest.raises(ValueError, match="ttl"):
+                    im.issue_token("alice", ttl=bad)
+
+    def threaded() -> None:
+        with open_pimcore_thread(data_dir=tmp_path / "t") as t:
+            with pytest.raises(TypeError, match="ttl"):
+                t.issue_token("alice", ttl=1.5)
+
+    await trio.to_thread.run_sync(threaded)
+
+
 async def test_a_device_revoke_returns_the_bound_in_force_for_the_device_the_users_included(tmp_path: Path) -> None:
     """A new user's trial: after revoke("alice") at T, revoke("alice",
     "phone", before=1) returned 1, though the user-wide revocation at T
