@@ -324,7 +324,8 @@ typedef int (*pim_event_cb)(const pim_event *event, void *userdata);
  * starting after the consumer's acknowledged cursor: what was not
  * acknowledged is delivered again after a restart (at least once).  cb
  * NULL removes the callback (waiting for a running call to return).
- * The broker needs "server": {"events": true} (else PIM_ERR_INVALID).
+ * The broker needs "server": {"events": true} (else PIM_ERR_INVALID, for a
+ * removal -- cb NULL -- too).
  * Errors: PIM_ERR_INVALID (no events, unknown flags, consumer not a valid
  * id -- "" included, also when removing), PIM_ERR_WOULD_DEADLOCK (from an
  * event callback of this broker, or of one whose callback waits for this

@@ -605,7 +605,8 @@ class ThreadedPimcore:
         online_devices, port and the properties do not block: they work).
 
         Raises EventsDisabled (a ValueError) when the broker records no
-        events (``events`` off and no ``[webhooks] url``), RequestRefused
+        events (``events`` off and no ``[webhooks] url``) -- removing a
+        handler (``None``) too, nothing to remove --, RequestRefused
         (BAD_REQUEST) for an invalid consumer name (removing a handler
         too, as ack_events); TypeError for a handler that is not callable,
         or is an ``async def`` function (it would never run: a trio host
@@ -624,7 +625,10 @@ class ThreadedPimcore:
         embed._check_consumer(consumer, "set_event_handler")
         handle = self.handle
         assert handle is not None
-        if handler is not None and not handle.events_enabled:  # [server] events, or turned on by [webhooks] url
+        if not handle.events_enabled:  # [server] events, or turned on by [webhooks] url
+            # A removal too, as pimcore.h says of pim_set_event_callback: it
+            # returned PIM_OK for a callback that could never have been set
+            # (a new user's trial), while setting one was refused.
             raise EventsDisabled()
 
         async def swap() -> None:

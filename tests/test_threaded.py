@@ -804,6 +804,19 @@ def test_listeners_come_from_the_host_never_the_environment_and_other_variables_
             assert im.urls == []
 
 
+def test_removing_an_event_handler_without_events_is_events_disabled_as_setting_one(tmp_path: Path) -> None:
+    """pimcore.h: pim_set_event_callback needs events, else PIM_ERR_INVALID --
+    a removal (NULL) returned PIM_OK all the same (a new user's trial).
+    Setting and removing agree now: EventsDisabled (a ValueError)."""
+    with _start(tmp_path / "d") as im:
+        with pytest.raises(EventsDisabled):
+            im.set_event_handler(lambda ev: True)
+        with pytest.raises(EventsDisabled):
+            im.set_event_handler(None)
+        with pytest.raises(EventsDisabled):
+            im.set_event_handler(None, "other")
+
+
 def test_two_brokers_whose_handlers_close_each_other_get_would_deadlock_not_a_hang(tmp_path: Path) -> None:
     """A new user's trial: A's event handler closed B while B's handler
     closed A.  close() waits for the broker's handlers to return, so each

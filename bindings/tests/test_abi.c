@@ -856,6 +856,17 @@ static int run_argument_checks(const char *dir)
     CHECK_RC(pim_ack_events(b, "late", 1, &again), PIM_OK);
     CHECK(again == cursor, "never back (%llu)", (unsigned long long)again);
     CHECK_RC(pim_broker_free(b), PIM_OK);
+    /* A broker without events: setting a callback and removing one are both
+     * PIM_ERR_INVALID, as pimcore.h says (a removal was PIM_OK: a trial). */
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s-noev\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    CHECK_RC(pim_set_event_callback(b, NULL, on_event, &main_log, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, NULL, NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "no host events") != NULL, "the refusal says why: %s", pim_last_error());
+    CHECK_RC(pim_set_event_callback(b, "other", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
     printf("%d checks, %d failed\n", checks, failures);
     return failures != 0;
 }
