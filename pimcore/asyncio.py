@@ -309,10 +309,18 @@ class AsyncPimcore:
 
     def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "AsyncEventStream":
         """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator
-        (raises EventsDisabled here, when the broker records no events)."""
+        (raises EventsDisabled here, when the broker records no events).
+        Checked at the call, as the trio handle's: BrokerStopped after the
+        block, ``after`` and ``limit`` (RequestRefused BAD_REQUEST out of
+        range, TypeError for no int); the consumer name when iterated.  It
+        returned a stream after the block (BrokerStopped only once
+        iterated) and took any ``after``/``limit`` until then (a trial)."""
+        if self._closed:
+            raise self._stopped()
         self._check_thread("events")
         if not self.events_enabled:
             raise embed.EventsDisabled()
+        embed._check_page(after, limit)
         return AsyncEventStream(self, consumer, after, limit)
 
     async def next_events(self, consumer: str = "default", **kwargs: Any) -> tuple[int, list[HostEvent]]:

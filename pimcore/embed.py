@@ -730,8 +730,7 @@ class Pimcore:
         posts none) unless ``posts`` is a list of dicts, for a dict without
         ``conv`` or ``payload`` or with other keys, or with a ``payload``,
         ``mentions`` or ``mention_all`` of the wrong type (see :meth:`post`)."""
-        if isinstance(posts, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(posts, Iterable):
-            raise TypeError(f"post_many takes a list of dicts (one per post), not a {type(posts).__name__}")
+        _check_posts(posts)
         broker = self.server.broker
         calls = []
         for n, kw in enumerate(posts):
@@ -1424,6 +1423,14 @@ def _check_event_arg(value: Any, name: str, low: int, high: int, call: str) -> N
         raise TypeError(f"{call}: {name} must be an int, not {type(value).__name__} {value!r:.60}")
     if not low <= value <= high:
         raise RequestRefused(ErrorCode.BAD_REQUEST, f"{call}: {name} must be in {low}..{high}, not {value}")
+
+
+def _check_posts(posts: Any) -> None:
+    """post_many's argument: a list (any iterable but a str, bytes or a
+    single dict) -- TypeError otherwise, in every handle's words (the
+    threaded one made a list of a str's letters and said "got a str at 0")."""
+    if isinstance(posts, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(posts, Iterable):
+        raise TypeError(f"post_many takes a list of dicts (one per post), not a {type(posts).__name__}")
 
 
 def _check_page(after: Any, limit: Any, call: str = "events") -> None:

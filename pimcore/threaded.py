@@ -436,6 +436,7 @@ class ThreadedPimcore:
 
     def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         assert self.handle is not None
+        embed._check_posts(posts)  # before list(): a str is no list of its letters
         return self._call(self.handle.post_many, list(posts))
 
     def recall(

@@ -798,6 +798,46 @@ def test_the_asyncio_handles_plain_methods_from_another_thread_raise_before_doin
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_asyncio_events_checks_at_the_call_as_the_trio_handles_does(tmp_path: Path) -> None:
+    """A new user's trial: the asyncio handle's events() after the block
+    returned a stream that raised BrokerStopped only when iterated, and
+    took an ``after`` or ``limit`` out of range (or of the wrong type)
+    until then; the trio handle raises at the call, and EMBEDDING.md says
+    every call after the block raises."""
+    from pimcore.asyncio import open_pimcore as open_asyncio
+    from pimcore.asyncio import BrokerStopped
+
+    async def main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "data", events=True) as im:
+            with pytest.raises(RequestRefused):
+                im.events(after=-1)
+            with pytest.raises(RequestRefused):
+                im.events(limit=0)
+            with pytest.raises(TypeError):
+                im.events(limit="10")
+            with pytest.raises(TypeError):
+                im.events(after=1.5)
+            im.events(after=0, limit=10)  # valid ones still make a stream
+        with pytest.raises(BrokerStopped):
+            im.events()
+        with pytest.raises(BrokerStopped):
+            im.events("x", after=0)
+
+    async def trio_main() -> None:  # what the trio handle does with the same arguments
+        async with open_pimcore(data_dir=tmp_path / "trio", events=True) as im:
+            with pytest.raises(RequestRefused):
+                im.events(after=-1)
+            with pytest.raises(TypeError):
+                im.events(limit="10")
+        with pytest.raises(BrokerStopped):
+            im.events()
+
+    from pimcore.errors import BrokerStopped as TrioStopped
+    assert BrokerStopped is TrioStopped
+    trio.run(trio_main)
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_the_asyncio_handle_has_online_anywhere(tmp_path: Path) -> None:
     from pimcore.asyncio import open_pimcore as open_asyncio
 

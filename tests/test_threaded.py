@@ -817,6 +817,18 @@ def test_removing_an_event_handler_without_events_is_events_disabled_as_setting_
             im.set_event_handler(None, "other")
 
 
+def test_post_many_of_a_str_says_it_takes_a_list(tmp_path: Path) -> None:
+    """post_many("notalist") said "got a str at 0" (the threaded handle made
+    a list of its letters first); it says what the trio handle says: a list
+    of dicts, not a str.  Nothing is posted."""
+    with _start(tmp_path / "d") as im:
+        im.create_group("team", ["alice"])
+        for bad in ("notalist", b"bytes", {"conv": "team", "payload": b"x"}, 5):
+            with pytest.raises(TypeError, match=r"takes a list of dicts \(one per post\), not a"):
+                im.post_many(bad)  # type: ignore[arg-type]
+        assert im.history("team", "alice") == []
+
+
 def test_two_brokers_whose_handlers_close_each_other_get_would_deadlock_not_a_hang(tmp_path: Path) -> None:
     """A new user's trial: A's event handler closed B while B's handler
     closed A.  close() waits for the broker's handlers to return, so each
