@@ -202,6 +202,10 @@ class ThreadedPimcore:
             else:  # start-up: raised in the caller by open_pimcore_thread (said once, there)
                 _log.debug("pimcore thread: the start failed: %r (raised to the caller)", first_leaf(exc))
         finally:
+            # Its ident is free for a new thread from now on: kept, a later
+            # thread given it was taken for this loop's own -- close() (or
+            # pim_broker_free after a stop) from it raised WouldDeadlock.
+            self._loop_ident = None
             self._ready.set()
 
     async def _serve(self, settings: ServeSettings, kwargs: dict[str, Any]) -> None:

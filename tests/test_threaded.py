@@ -878,6 +878,85 @@ def test_two_brokers_whose_handlers_close_each_other_get_would_deadlock_not_a_ha
     assert not done.is_alive(), "closing the other broker from the main thread hung"
 
 
+def test_a_wait_for_cycle_through_three_brokers_and_a_handler_swap_is_would_deadlock(tmp_path: Path) -> None:
+    """The cycle can be longer, and a set_event_handler() that waits for a
+    running handler is a wait too: A's handler closes B, B's handler
+    replaces C's running handler (it waits for it to return), C's handler
+    closes A.  Exactly one call -- the one closing the cycle -- raises
+    WouldDeadlock; the others go through once it has.  Under timeouts: the
+    brokers of a failed run are left behind, not closed."""
+    ims = [_start(tmp_path / n, events=True) for n in "abc"]
+    for im in ims:
+        im.create_group("g", ["alice"])
+        im.post("g", b"x")
+    outcomes: dict[int, str] = {}
+    all_running = threading.Barrier(3, timeout=10)
+    returned = [threading.Event() for _ in ims]
+    calls = [ims[1].close, lambda: ims[2].set_event_handler(lambda ev: True), ims[0].close]
+
+    def handler_for(i: int):
+        def handler(ev) -> bool:
+            if i not in outcomes:
+                outcomes[i] = "running"
+                all_running.wait()
+                try:
+                    calls[i]()
+                    outcomes[i] = "ok"
+                except WouldDeadlock:
+                    outcomes[i] = "deadlock"
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    outcomes[i] = repr(exc)
+                returned[i].set()
+            return True
+        return handler
+
+    for i, im in enumerate(ims):
+        im.set_event_handler(handler_for(i))
+    assert all(r.wait(15) for r in returned), f"the handlers hung: {outcomes}"
+    assert sorted(outcomes.values()) == ["deadlock", "ok", "ok"], outcomes
+    closing: list[str] = []
+
+    def close_all() -> None:
+        for im in ims:
+            try:
+                im.close()
+                closing.append("ok")
+            except Exception as exc:  # noqa: BLE001 - what the test reports
+                closing.append(repr(exc))
+
+    # (A new thread: it may get the ident of a broker thread that ended --
+    # that broker's close() took it for its own loop thread, WouldDeadlock.)
+    closer = threading.Thread(target=close_all, daemon=True)
+    closer.start()
+    closer.join(15)
+    assert not closer.is_alive(), "closing the brokers from another thread hung"
+    assert closing == ["ok"] * 3
+
+
+def test_close_again_from_a_new_thread_is_ok_whatever_ident_it_gets(tmp_path: Path) -> None:
+    """A closed broker kept its loop thread's ident, and a thread started
+    later is often given that ident again (the C library reuses the ended
+    thread's): close() from it -- pim_broker_free after pim_broker_stop --
+    took it for the loop's own thread and raised WouldDeadlock (a handle
+    never freed).  Found by the three-broker test above."""
+    im = _start(tmp_path / "d")
+    im.close()
+    results: list[str] = []
+
+    def again() -> None:
+        try:
+            im.close()
+            results.append("ok")
+        except Exception as exc:  # noqa: BLE001 - what the test reports
+            results.append(repr(exc))
+
+    for _ in range(10):
+        t = threading.Thread(target=again)
+        t.start()
+        t.join(10)
+    assert results == ["ok"] * 10
+
+
 def test_set_event_handler_racing_close_is_ok_or_broker_stopped(tmp_path: Path) -> None:
     """A new user's trial (pim_set_event_callback racing pim_broker_stop):
     8 of 20 rounds got RuntimeError("Nursery is closed to new arrivals"),
