@@ -16,8 +16,14 @@
  *     callback, in event-id order.  From there you may call the library
  *     again (pim_post, ...), except pim_broker_stop, pim_broker_free and
  *     pim_set_event_callback for that broker: they would wait for the
- *     callback itself and fail with PIM_ERR_WOULD_DEADLOCK.  With
- *     PIM_EVENTS_ON_LOOP_THREAD the callback runs on the broker's loop
+ *     callback itself and fail with PIM_ERR_WOULD_DEADLOCK.  Across
+ *     brokers too: pim_broker_stop, pim_broker_free and
+ *     pim_set_event_callback of broker B from A's callback go through,
+ *     unless a callback of B waits in turn (through such a call, on any
+ *     number of brokers) for A's callback -- B's callback stopping A while
+ *     A's stops B.  The call that would close that cycle fails with
+ *     PIM_ERR_WOULD_DEADLOCK, nothing done; the other proceeds once the
+ *     refused callback returns.  With PIM_EVENTS_ON_LOOP_THREAD the callback runs on the broker's loop
  *     thread (cheaper, but it must not block): every blocking call from it
  *     fails with PIM_ERR_WOULD_DEADLOCK instead of hanging.
  *   - Data handed to a callback (strings, payloads, the pim_event) is valid
@@ -101,7 +107,8 @@ enum pim_status {
     PIM_ERR_VERSION = 4,              /* pimcore.h is newer than the library, or of another major version */
     PIM_ERR_STOPPED = 5,              /* the broker was stopped */
     PIM_ERR_ALREADY_RUNNING = 6,      /* a broker of this process already runs on that data directory's LMDB store */
-    PIM_ERR_WOULD_DEADLOCK = 7,       /* called from a callback the call would have to wait for */
+    PIM_ERR_WOULD_DEADLOCK = 7,       /* called from a callback the call would have to wait for (its own
+                                       * broker's, or one waiting for it through other brokers) */
     PIM_ERR_UNKNOWN_CONVERSATION = 8, /* no such conversation */
     PIM_ERR_NOT_MEMBER = 9,           /* the sender is not a member of the conversation */
     PIM_ERR_ALREADY_EXISTS = 10,      /* the group exists */
@@ -150,7 +157,8 @@ PIM_EXPORT int pim_broker_stop(pim_broker *b);
 /* Stop (if needed) and release the handle.  NULL is a no-op (PIM_OK; it
  * clears pim_last_error as every call does).  The handle
  * is released whatever the error, except PIM_ERR_WOULD_DEADLOCK (called
- * from a callback: free it from another thread). */
+ * from a callback of b, or of a broker whose stop b's callback waits for:
+ * THREADING; free it from another thread). */
 PIM_EXPORT int pim_broker_free(pim_broker *b);
 /* The bound TCP port of the first tcp:// listener (the one the OS chose
  * for port 0).  PIM_ERR_NOT_FOUND without one. */
@@ -220,7 +228,7 @@ PIM_EXPORT int pim_kick(pim_broker *b, const char *user, const char *device, con
 /* Refuse user's tokens (only device's if not NULL; "" is PIM_ERR_INVALID)
  * issued before before_us (µs since the Unix epoch; 0: now), durably, and
  * end the live sessions using one.  *out_before (may be NULL): the time in
- * force. */
+ * force (for device, the later of the user's and the device's). */
 PIM_EXPORT int pim_revoke(pim_broker *b, const char *user, const char *device, int64_t before_us,
                           int64_t *out_before);
 /* A login token for user (bound to device if not NULL), valid ttl_seconds,
@@ -316,10 +324,12 @@ typedef int (*pim_event_cb)(const pim_event *event, void *userdata);
  * starting after the consumer's acknowledged cursor: what was not
  * acknowledged is delivered again after a restart (at least once).  cb
  * NULL removes the callback (waiting for a running call to return).
- * The broker needs "server": {"events": true} (else PIM_ERR_INVALID).
+ * The broker needs "server": {"events": true} (else PIM_ERR_INVALID, for a
+ * removal -- cb NULL -- too).
  * Errors: PIM_ERR_INVALID (no events, unknown flags, consumer not a valid
  * id -- "" included, also when removing), PIM_ERR_WOULD_DEADLOCK (from an
- * event callback of this broker), PIM_ERR_STOPPED. */
+ * event callback of this broker, or of one whose callback waits for this
+ * broker's: THREADING), PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_set_event_callback(pim_broker *b, const char *consumer, pim_event_cb cb, void *userdata,
                                       unsigned flags);
 /* consumer (NULL: "default") has handled every event up to id upto: its

@@ -20,7 +20,10 @@ coroutines here, its plain functions (``kick``, ``issue_token``,
 
 Call the handle from the event loop that opened it (another thread:
 ``asyncio.run_coroutine_threadsafe(im.post(...), loop)``); a coroutine
-method awaited in another loop raises RuntimeError before it does anything.
+method awaited in another loop raises RuntimeError before it does anything,
+and so does a plain method (``kick``, ``issue_token``, ``online_devices``,
+``statistics``, ``events``) called in another thread than the loop's.  The
+properties (fixed once started) read from anywhere.
 
 How a call crosses over: the asyncio side asks trio (through the run's
 TrioToken, which may be used from outside the run) to start the handle's
@@ -38,6 +41,7 @@ cancels its trio task (each runs in a cancel scope of its own).
 from __future__ import annotations
 
 import asyncio
+import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable, Optional, TypeVar
 
@@ -85,6 +89,8 @@ class AsyncPimcore:
     def __init__(self, handle: Pimcore, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
         self.handle = handle
         self._loop = loop
+        #: The loop's thread, which the guest run shares (made in it).
+        self._thread = threading.get_ident()
         self._token = token
         self._nursery = nursery
         #: Set when the ``async with`` block exits, or the guest run ended.
@@ -111,6 +117,20 @@ class AsyncPimcore:
             raise RuntimeError("this pimcore.asyncio handle belongs to another event loop (the one that opened it):"
                                " call it from that loop (asyncio.run_coroutine_threadsafe(..., loop) from another"
                                " thread), or use pimcore.threaded from threads; nothing was done")
+
+    def _check_thread(self, what: str) -> None:
+        """For a plain method: RuntimeError unless called in the loop's thread.  The guest run lives in that
+        thread and these work on its state directly, without crossing over:
+        kick() from another thread closed the sessions' bookkeeping, then
+        failed waking a trio task it is no run of (AttributeError:
+        'RunContext' object has no attribute 'runner'), and the client was
+        never told (a new user's trial); the reads raced the loop.  Checked
+        before anything is done."""
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(f"this pimcore.asyncio handle's {what}() was called from another thread than its event"
+                               " loop's: call it in that loop (loop.call_soon_threadsafe(...), or an async def wrapper"
+                               " with asyncio.run_coroutine_threadsafe(..., loop)), or use pimcore.threaded from"
+                               " threads; nothing was done")
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         if self._closed:
@@ -183,12 +203,15 @@ class AsyncPimcore:
         return self.handle.webhooks
 
     def statistics(self) -> Any:
+        self._check_thread("statistics")
         return self.handle.statistics()
 
     def issue_token(self, user: str, device: Optional[str] = None, *, ttl: int = 3600) -> str:
+        self._check_thread("issue_token")  # (it reads the revocations the loop keeps)
         return self.handle.issue_token(user, device, ttl=ttl)
 
     def online_devices(self, user: str) -> list[str]:
+        self._check_thread("online_devices")
         return self.handle.online_devices(user)
 
     @property
@@ -200,11 +223,13 @@ class AsyncPimcore:
         """As :meth:`pimcore.embed.Pimcore.kick`: a plain call, done when it
         returns.  Safe from asyncio code: in guest mode trio's run lives on
         this thread, and kick only uses trio's synchronous calls (which wake
-        the guest run).  Raises BrokerStopped after the broker stopped.
+        the guest run).  Raises BrokerStopped after the broker stopped, and
+        RuntimeError (nobody kicked) from another thread than the loop's.
         Returns an awaitable that is already done, so that code written when
         kick was a coroutine (``await im.kick(...)``) keeps working."""
         if self._closed:
             raise self._stopped()
+        self._check_thread("kick")
         self.handle.kick(user, device, reason)
         return _DONE
 
@@ -284,9 +309,18 @@ class AsyncPimcore:
 
     def events(self, consumer: str = "default", *, after: Optional[int] = None, limit: int = 256) -> "AsyncEventStream":
         """As :meth:`pimcore.embed.Pimcore.events`, an asyncio async iterator
-        (raises EventsDisabled here, when the broker records no events)."""
+        (raises EventsDisabled here, when the broker records no events).
+        Checked at the call, as the trio handle's: BrokerStopped after the
+        block, ``after`` and ``limit`` (RequestRefused BAD_REQUEST out of
+        range, TypeError for no int); the consumer name when iterated.  It
+        returned a stream after the block (BrokerStopped only once
+        iterated) and took any ``after``/``limit`` until then (a trial)."""
+        if self._closed:
+            raise self._stopped()
+        self._check_thread("events")
         if not self.events_enabled:
             raise embed.EventsDisabled()
+        embed._check_page(after, limit)
         return AsyncEventStream(self, consumer, after, limit)
 
     async def next_events(self, consumer: str = "default", **kwargs: Any) -> tuple[int, list[HostEvent]]:

@@ -60,7 +60,8 @@ def issue_token(
     now: Optional[float] = None,
 ) -> str:
     """A signed token for ``user`` (bound to ``device`` if given), valid for
-    ``ttl`` seconds from ``now`` (seconds since the epoch; default: now).
+    ``ttl`` seconds from ``now`` (seconds since the epoch; default: now) --
+    at least: its ``exp`` is a whole second, rounded up.
 
     ValueError for a secret under 32 bytes, or a user or device id outside
     the grammar of :mod:`pimcore.ids` (the broker would refuse its login)."""
@@ -73,7 +74,10 @@ def issue_token(
     # (Pimcore.revoke) compares it with the revoke time, and a token issued
     # right after a revoke must not fall into the same whole second.
     iat: object = int(issued) if float(issued).is_integer() else round(float(issued), 6)
-    claims: dict[str, object] = {"sub": user, "aud": AUDIENCE, "iat": iat, "exp": int(issued + ttl)}
+    # exp rounded up: cut down to a whole second below a µs iat + ttl, a
+    # token lived less than its ttl -- 0.66 s for ttl=1.5, under 1 s for
+    # ttl=1 (a new user's trial).  It lives at least ttl.
+    claims: dict[str, object] = {"sub": user, "aud": AUDIENCE, "iat": iat, "exp": math.ceil(issued + ttl)}
     if device is not None:
         claims["dev"] = device
     return jwt.encode(claims, _key(secret), algorithm=ALGORITHM)

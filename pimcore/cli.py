@@ -672,6 +672,15 @@ def _serve(args: argparse.Namespace, start: Any) -> int:  # start: config.DataDi
     return 0
 
 
+def _ttl_arg(text: str) -> object:
+    """--ttl: an int of seconds; anything else is handed on as it was
+    typed, for _cmd_token to refuse in its one line (token_ttl_problem)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from .auth import issue_token
     from .config import ConfigError
@@ -1605,7 +1614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="print a signed token for a user (and device)")
     p.add_argument("--user", required=True, help="the user the token logs in as (a user id, e.g. alice)")
     p.add_argument("--device", help="bind the token to this device")
-    p.add_argument("--ttl", type=float, default=24 * 3600.0, help="validity in seconds, up to 366 days (default 1 day)")
+    p.add_argument("--ttl", type=_ttl_arg, default=24 * 3600, help="validity in whole seconds, up to 366 days (default 1 day)")
     p.add_argument("--config", help="the serve configuration file (for its secret)")
     p.add_argument("--data-dir", help="the serve data directory (default ./pimcore-data)")
     p.add_argument("--secret-file", metavar="PATH",

@@ -462,6 +462,22 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.history_max_age (µs) and history_max_count must be >= 0 (0 = no limit)")
 
 
+def verdict_reason(reason: object) -> str:
+    """A content filter's (or moderator's) reason as the text the refusal
+    carries: ``str(reason)``, each lone surrogate (the only characters of a
+    str UTF-8 cannot encode) replaced with U+FFFD.  Why: the Error frame's
+    reason must encode, and one that did not left a client's send
+    unanswered (EncodeError in content_checked) while a host post with the
+    same filter was refused (a new user's trial); both use this now, so
+    they say the same words."""
+    text = str(reason)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
 def idempotency_local_id(key: Union[str, bytes, None]) -> Optional[int]:
     """The local id (u64) of a host post's idempotency key (text or 1..256
     bytes; BLAKE2b), a random one for None, None for an unusable key (of
@@ -1999,7 +2015,7 @@ class Broker:
                 # Refused when read, the client resending it (as RATE_LIMITED):
                 # the sends it has on the wire after it wait for that retry.
                 c.mark = _new_mark(c, f.local_id, code, now)
-            self._refuse_send(c, f.local_id, code, out, str(reason))
+            self._refuse_send(c, f.local_id, code, out, verdict_reason(reason))
         elif type(f) is F.AmendReq:
             self._propose_amend(c, f, now, out)
         else:

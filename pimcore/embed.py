@@ -98,8 +98,11 @@ MAX_TOKEN_TTL = 366 * 24 * 3600
 
 def token_ttl_problem(ttl: object) -> Optional[str]:
     """Why ``ttl`` is no token lifetime :meth:`Pimcore.issue_token` (and
-    ``pimcore token``) issues -- None if it is one: 1 .. MAX_TOKEN_TTL s."""
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TOKEN_TTL:
+    ``pimcore token``) issues -- None if it is one: an int, 1 ..
+    MAX_TOKEN_TTL s (as POST /v1/tokens and the C ABI take it)."""
+    if type(ttl) is not int:
+        return f"ttl must be whole seconds, 1..{MAX_TOKEN_TTL} (366 days), got {ttl!r:.40}"
+    if not 1 <= ttl <= MAX_TOKEN_TTL:
         return f"ttl must be 1..{MAX_TOKEN_TTL} seconds (366 days), got {ttl!r}"
     return None
 
@@ -433,13 +436,20 @@ class Pimcore:
         the broker's secret, issued now -- or at the revocation in force
         for the user (or the device) when this broker knows one later than
         now (:meth:`revoke`), so that a token issued right after a
-        revocation logs in.  Raises ValueError for invalid ids or ttl,
+        revocation logs in.  Raises ValueError for invalid ids or a ttl out
+        of range, TypeError for a ttl that is no int (1.5: whole seconds),
         RuntimeError if the broker was opened with its own authenticator (it
         has no secret to sign with)."""
         self.server.check_running()
         if self._secret is None:
             raise RuntimeError("this broker authenticates with a custom authenticator: it cannot issue tokens")
-        problem = token_ttl_problem(ttl)
+        if isinstance(ttl, bool) or not isinstance(ttl, int):
+            # Whole seconds, as documented and as POST /v1/tokens and the C
+            # ABI take it: a float was taken and its token lived less than
+            # ttl (a new user's trial; exp is rounded up now as well).
+            raise TypeError(f"cannot issue a token: ttl must be an int of seconds, 1..{MAX_TOKEN_TTL} (366 days),"
+                            f" not {type(ttl).__name__} {ttl!r:.40}")
+        problem = token_ttl_problem(int(ttl))
         if problem is not None:
             raise ValueError(f"cannot issue a token: {problem}")
         # Stamped at the revocation in force when this broker knows one later
@@ -720,8 +730,7 @@ class Pimcore:
         posts none) unless ``posts`` is a list of dicts, for a dict without
         ``conv`` or ``payload`` or with other keys, or with a ``payload``,
         ``mentions`` or ``mention_all`` of the wrong type (see :meth:`post`)."""
-        if isinstance(posts, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(posts, Iterable):
-            raise TypeError(f"post_many takes a list of dicts (one per post), not a {type(posts).__name__}")
+        _check_posts(posts)
         broker = self.server.broker
         calls = []
         for n, kw in enumerate(posts):
@@ -806,7 +815,8 @@ class Pimcore:
         is refused in those few seconds: :meth:`issue_token` stamps its
         tokens at the bound then; sign your own with
         ``pimcore.auth.issue_token(..., now=bound / 1e6)`` or later.  Returns the
-        revocation time in force (µs).  Raises
+        revocation time in force (µs) -- for ``device``, the later of the
+        user-wide one and the device's, since both apply to its tokens.  Raises
         RequestRefused (BAD_REQUEST: an invalid id -- ``""`` too, omit
         ``device`` for all devices --, ``before`` 0, which would revoke no
         token (the C ABI's 0 means now: here omit it), or ``before`` later
@@ -1413,6 +1423,14 @@ def _check_event_arg(value: Any, name: str, low: int, high: int, call: str) -> N
         raise TypeError(f"{call}: {name} must be an int, not {type(value).__name__} {value!r:.60}")
     if not low <= value <= high:
         raise RequestRefused(ErrorCode.BAD_REQUEST, f"{call}: {name} must be in {low}..{high}, not {value}")
+
+
+def _check_posts(posts: Any) -> None:
+    """post_many's argument: a list (any iterable but a str, bytes or a
+    single dict) -- TypeError otherwise, in every handle's words (the
+    threaded one made a list of a str's letters and said "got a str at 0")."""
+    if isinstance(posts, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(posts, Iterable):
+        raise TypeError(f"post_many takes a list of dicts (one per post), not a {type(posts).__name__}")
 
 
 def _check_page(after: Any, limit: Any, call: str = "events") -> None:

@@ -21,7 +21,11 @@ calls cannot work, and raise :class:`WouldDeadlock` instead of hanging: a
 blocking method from the broker's own thread (an event handler running on
 the loop), and :meth:`ThreadedPimcore.close` or
 :meth:`ThreadedPimcore.set_event_handler` from inside an event handler
-(they wait for the handler to return).  What does not wait for the broker
+(they wait for the handler to return) -- of the same broker, or of another
+one whose handler waits in turn for the caller's handler (A's handler
+closing B while B's closes A: the call that would close the wait-for cycle
+raises, with nothing done; the other proceeds once the refused handler
+returns).  What does not wait for the broker
 works from its thread too: ``issue_token``, ``statistics``, ``kick``,
 ``online_devices``, ``port``, the properties, and creating (not iterating)
 ``events()``.  After :meth:`ThreadedPimcore.close` every method raises
@@ -32,13 +36,14 @@ This is also the layer the C ABI (``bindings/``) stands on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import trio
 
@@ -62,7 +67,9 @@ _log = logging.getLogger("pimcore.net")
 class WouldDeadlock(RuntimeError):
     """A blocking call from a thread the call would have to wait for: the
     broker's loop thread (an event handler with ``on_loop=True``), or
-    close/set_event_handler from inside an event handler."""
+    close/set_event_handler from inside an event handler of that broker, or
+    of another broker one of whose handlers waits for this one's (a
+    wait-for cycle across brokers).  Nothing was done."""
 
 
 class BrokerAlreadyRunning(RuntimeError):
@@ -76,6 +83,38 @@ _running_dirs: set[str] = set()
 _running_lock = threading.Lock()
 #: ``dispatching``: the ThreadedPimcore whose event handler this thread runs.
 _tls = threading.local()
+
+#: The wait-for graph of close() and set_event_handler() across brokers,
+#: under _wait_lock: thread ident -> (the broker it waits for, the consumer
+#: whose handler it waits for, None: every one -- close()).  Why: broker A's
+#: handler closing B while B's handler closes A waited for each other for
+#: good (a new user's trial); a check of the caller's own broker alone
+#: cannot see a cycle through another broker.
+_waiting: dict[int, tuple["ThreadedPimcore", Optional[str]]] = {}
+_wait_lock = threading.Lock()
+
+
+def _would_close_a_cycle(me: int, im: "ThreadedPimcore", consumer: Optional[str]) -> bool:
+    """Would thread ``me`` waiting for ``im`` (its ``consumer``'s handler,
+    every handler when None) wait for itself, through threads that already
+    wait for other brokers?  Under _wait_lock: the check and the caller's
+    registration are one step, so of two calls closing a cycle at once the
+    second sees the first and is refused -- one is always refused, never both
+    (the first's wait then ends when the refused handler returns)."""
+    seen: set[tuple[int, Optional[str]]] = set()
+    todo = [(im, consumer)]
+    while todo:
+        broker, cons = todo.pop()
+        if (id(broker), cons) in seen:
+            continue
+        seen.add((id(broker), cons))
+        for ident in broker._threads_waited_for(cons):
+            if ident == me:
+                return True
+            nxt = _waiting.get(ident)
+            if nxt is not None:
+                todo.append(nxt)
+    return False
 
 EventHandler = Callable[[HostEvent], Optional[bool]]
 
@@ -137,6 +176,9 @@ class ThreadedPimcore:
         #: consumer -> the lock its set_event_handler swaps take, whole, one
         #: at a time (in the broker's thread; only while a swap is pending)
         self._swap_locks: dict[str, trio.Lock] = {}
+        #: ident -> consumer of each worker thread in one of this broker's
+        #: event handlers now (under _wait_lock; for the wait-for graph)
+        self._handler_threads: dict[int, str] = {}
 
     # ------------------------------------------------------------ the thread
 
@@ -160,6 +202,10 @@ class ThreadedPimcore:
             else:  # start-up: raised in the caller by open_pimcore_thread (said once, there)
                 _log.debug("pimcore thread: the start failed: %r (raised to the caller)", first_leaf(exc))
         finally:
+            # Its ident is free for a new thread from now on: kept, a later
+            # thread given it was taken for this loop's own -- close() (or
+            # pim_broker_free after a stop) from it raised WouldDeadlock.
+            self._loop_ident = None
             self._ready.set()
 
     async def _serve(self, settings: ServeSettings, kwargs: dict[str, Any]) -> None:
@@ -172,6 +218,37 @@ class ThreadedPimcore:
                 self._ready.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()  # event dispatchers; in-flight calls are system tasks
+
+    def _threads_waited_for(self, consumer: Optional[str]) -> list[int]:
+        """The threads a close() (``consumer`` None) or a set_event_handler
+        of ``consumer`` waits for: the broker's own thread (it runs the
+        swap, ends the run, and runs on-loop handlers) while it runs, and the
+        workers in those handlers now.  Under _wait_lock."""
+        idents = [i for i, c in self._handler_threads.items() if consumer is None or c == consumer]
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._loop_ident is not None:
+            idents.append(self._loop_ident)  # (not once it ended: a later thread may get its ident)
+        return idents
+
+    @contextlib.contextmanager
+    def _wait_for_handlers(self, consumer: Optional[str], what: str) -> Iterator[None]:
+        """Around a call that waits for this broker's event handlers (all of
+        them, ``consumer`` None, or that consumer's): WouldDeadlock, with
+        nothing done, when one of them waits -- through any number of other
+        brokers' close() or set_event_handler() -- for the calling thread."""
+        me = threading.get_ident()
+        with _wait_lock:
+            if _would_close_a_cycle(me, self, consumer):
+                raise WouldDeadlock(
+                    f"{what} would deadlock: it waits for this broker's event handlers (and its thread), and one of"
+                    " them waits, through another broker's close() or set_event_handler(), for the calling thread"
+                    " (an event handler of that other broker): call it from a thread that is in no event handler")
+            _waiting[me] = (self, consumer)
+        try:
+            yield
+        finally:
+            with _wait_lock:
+                _waiting.pop(me, None)
 
     def _alive(self) -> Pimcore:
         """The trio handle, for a call that does not wait for the broker's
@@ -221,11 +298,18 @@ class ThreadedPimcore:
     def close(self) -> None:
         """Stop the broker gracefully (clients get Close(SHUTDOWN), committed
         work flushed, the store closed: nothing waits for interpreter exit)
-        and join its thread.  Idempotent.  Raises WouldDeadlock from the
-        broker's thread or an event handler; re-raises (once) an error the
-        broker's thread ended with."""
+        and join its thread.  Idempotent.  Raises WouldDeadlock, with nothing
+        done, from the broker's thread or an event handler of it, or from
+        another broker's handler while one of this broker's handlers waits
+        for that one (it closes or sets a handler of the caller's broker:
+        a wait-for cycle); re-raises (once) an error the broker's thread
+        ended with."""
         if threading.get_ident() == self._loop_ident or getattr(_tls, "dispatching", None) is self:
             raise WouldDeadlock("close() from an event handler would wait for itself")
+        with self._wait_for_handlers(None, "close()"):  # checked before anything is done
+            self._close()
+
+    def _close(self) -> None:
         with self._close_lock:
             first, self._closed = not self._closed, True
         if not first:
@@ -356,6 +440,7 @@ class ThreadedPimcore:
 
     def post_many(self, posts: Sequence[dict[str, Any]]) -> list[Union[Posted, PimError]]:
         assert self.handle is not None
+        embed._check_posts(posts)  # before list(): a str is no list of its letters
         return self._call(self.handle.post_many, list(posts))
 
     def recall(
@@ -518,13 +603,15 @@ class ThreadedPimcore:
 
         The handler runs in a worker thread (it may call this handle's
         methods, but not close() or set_event_handler(), which raise
-        WouldDeadlock), or with ``on_loop=True`` in the broker's thread
+        WouldDeadlock; nor another broker's when one of that broker's
+        handlers waits for this one: WouldDeadlock too, module docstring), or with ``on_loop=True`` in the broker's thread
         itself: cheaper, but it must not block and every blocking method
         called from it raises WouldDeadlock (issue_token, statistics, kick,
         online_devices, port and the properties do not block: they work).
 
         Raises EventsDisabled (a ValueError) when the broker records no
-        events (``events`` off and no ``[webhooks] url``), RequestRefused
+        events (``events`` off and no ``[webhooks] url``) -- removing a
+        handler (``None``) too, nothing to remove --, RequestRefused
         (BAD_REQUEST) for an invalid consumer name (removing a handler
         too, as ack_events); TypeError for a handler that is not callable,
         or is an ``async def`` function (it would never run: a trio host
@@ -543,7 +630,10 @@ class ThreadedPimcore:
         embed._check_consumer(consumer, "set_event_handler")
         handle = self.handle
         assert handle is not None
-        if handler is not None and not handle.events_enabled:  # [server] events, or turned on by [webhooks] url
+        if not handle.events_enabled:  # [server] events, or turned on by [webhooks] url
+            # A removal too, as pimcore.h says of pim_set_event_callback: it
+            # returned PIM_OK for a callback that could never have been set
+            # (a new user's trial), while setting one was refused.
             raise EventsDisabled()
 
         async def swap() -> None:
@@ -564,13 +654,22 @@ class ThreadedPimcore:
                     if handler is not None:
                         await handle.event_cursor(consumer)  # RequestRefused for a bad consumer name, here
                         await handle._hold_events(consumer)  # its cursor exists before this returns: nothing reclaimed under it
-                        assert self._nursery is not None
+                        assert self._nursery is not None and self._stop is not None
+                        if self._stop.is_set():
+                            # close() ended (or is ending) the nursery the
+                            # dispatcher would run in: start() raised
+                            # "Nursery is closed to new arrivals", an internal
+                            # error through the C ABI (a new user's trial).
+                            # No checkpoint between this check and start():
+                            # the nursery is open when the stop is not set.
+                            raise BrokerStopped("the broker was stopped during the call")
                         self._handlers[consumer] = await self._nursery.start(self._dispatch, handler, consumer, on_loop)
             finally:
                 if not lock.locked() and lock.statistics().tasks_waiting == 0:
                     self._swap_locks.pop(consumer, None)  # no swap of it pending: not kept per consumer ever set
 
-        self._call(swap)
+        with self._wait_for_handlers(consumer, "set_event_handler()"):  # the swap waits for the old handler
+            self._call(swap)
 
     async def _dispatch(
         self, handler: EventHandler, consumer: str, on_loop: bool, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -588,7 +687,7 @@ class ThreadedPimcore:
                     if on_loop:
                         upto, failed = _deliver(handler, events)
                     else:
-                        upto, failed = await trio.to_thread.run_sync(self._deliver_off_loop, handler, events)
+                        upto, failed = await trio.to_thread.run_sync(self._deliver_off_loop, handler, consumer, events)
                     if upto is not None:
                         await handle.ack_events(upto, consumer)
                     if failed is None:
@@ -609,11 +708,18 @@ class ThreadedPimcore:
             if entry is not None and entry[1] is ended:
                 del self._handlers[consumer]
 
-    def _deliver_off_loop(self, handler: EventHandler, events: list[HostEvent]) -> tuple[Optional[int], Optional["_Failed"]]:
+    def _deliver_off_loop(
+        self, handler: EventHandler, consumer: str, events: list[HostEvent]
+    ) -> tuple[Optional[int], Optional["_Failed"]]:
+        me = threading.get_ident()
         _tls.dispatching = self
+        with _wait_lock:  # a node of the wait-for graph while the handler runs here
+            self._handler_threads[me] = consumer
         try:
             return _deliver(handler, events)
         finally:
+            with _wait_lock:
+                self._handler_threads.pop(me, None)
             _tls.dispatching = None
 
 

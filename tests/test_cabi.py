@@ -546,6 +546,33 @@ def test_two_threads_setting_one_consumers_callback_leave_one_and_a_removal_remo
     assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
 
 
+def test_two_brokers_whose_callbacks_stop_each_other_get_would_deadlock_not_a_hang(abi_exe: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A new user's trial (cross.c): A's event callback called
+    pim_broker_stop(B) while B's called pim_broker_stop(A).  Both waited
+    for each other forever, and pim_broker_free(A) from main hung after
+    them.  The stop that closes the cycle is PIM_ERR_WOULD_DEADLOCK."""
+    (tmp_path / "data").mkdir()
+    try:
+        done = subprocess.run([str(abi_exe), "cross-stop", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=60, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"cross-stop hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
+def test_set_event_callback_racing_stop_is_ok_or_stopped(abi_exe: Path, tmp_path: Path) -> None:
+    """A new user's trial (setcb_stop.c): pim_set_event_callback racing
+    pim_broker_stop returned PIM_ERR_INTERNAL "RuntimeError: Nursery is
+    closed to new arrivals" in 8 of 20 rounds."""
+    try:
+        done = subprocess.run([str(abi_exe), "setcb-stop", str(tmp_path / "data")], capture_output=True, text=True,
+                              env=_env(), timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"setcb-stop hung: {exc.stdout!r}")
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+
+
 def test_the_version_the_header_quotes_is_the_headers_version() -> None:
     """pimcore.h said pim_version returns "0.2.0" while the header (and so
     the library) was 0.3.0 (a new user's trial): a version written out in

@@ -106,6 +106,24 @@ def test_token_without_a_broker_secret_refuses_and_creates_nothing(tmp_path, mon
     assert "typo" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
+def test_token_ttl_is_whole_seconds_and_the_token_lives_at_least_that(tmp_path, monkeypatch, capsys):
+    """--ttl 1.5 gave a token living ~0.66 s (exp cut to a whole second
+    below iat + ttl, a new user's trial): --ttl takes whole seconds, as the
+    handle and POST /v1/tokens do, and exp is rounded up."""
+    import base64
+    import json
+
+    monkeypatch.setenv("PIMCORE_SECRET", "e" * 32)
+    assert main(["token", "--user", "alice", "--ttl", "1.5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "invalid --ttl: ttl must be whole seconds" in err and "'1.5'" in err
+    for _ in range(10):
+        assert main(["token", "--user", "alice", "--ttl", "1"]) == 0
+        body = capsys.readouterr().out.strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        assert claims["exp"] >= claims["iat"] + 1, claims
+
+
 def test_token_with_create_secret_says_what_it_did_and_the_broker_accepts_it(tmp_path, monkeypatch, capsys):
     from pimcore.auth import JwtAuthenticator, load_or_create_secret
 

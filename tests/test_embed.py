@@ -645,6 +645,199 @@ def test_an_asyncio_handle_called_from_another_event_loop_raises_before_posting(
     assert box["history"] == []
 
 
+def _claims(token: str) -> dict:
+    import base64
+    import json
+
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+
+async def test_a_token_lives_at_least_its_ttl_and_a_ttl_that_is_no_int_is_refused(tmp_path: Path) -> None:
+    """A new user's trial: issue_token(ttl=1.5) gave a token that lived
+    ~0.66 s, under the documented 1 s minimum: exp was cut to a whole second
+    below iat + ttl (iat is to the µs) -- with ttl=1 too.  exp is rounded up
+    now (a token lives at least ttl), and ttl is an int of seconds, as
+    documented and as POST /v1/tokens takes it: a float, str or None is
+    TypeError, nothing issued."""
+    from pimcore.threaded import open_pimcore_thread
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            for _ in range(20):  # (iat's fraction differs each time)
+                claims = _claims(im.issue_token("alice", ttl=1))
+                assert claims["exp"] >= claims["iat"] + 1, claims
+            for bad in (1.5, 1.0, 3600.0, float("nan"), "60", None):
+                with pytest.raises(TypeError, match="ttl"):
+                    im.issue_token("alice", ttl=bad)
+            for bad in (0, -1):
+                with pytest.raises(ValueError, match="ttl"):
+                    im.issue_token("alice", ttl=bad)
+
+    def threaded() -> None:
+        with open_pimcore_thread(data_dir=tmp_path / "t") as t:
+            with pytest.raises(TypeError, match="ttl"):
+                t.issue_token("alice", ttl=1.5)
+
+    await trio.to_thread.run_sync(threaded)
+
+
+async def test_a_device_revoke_returns_the_bound_in_force_for_the_device_the_users_included(tmp_path: Path) -> None:
+    """A new user's trial: after revoke("alice") at T, revoke("alice",
+    "phone", before=1) returned 1, though the user-wide revocation at T
+    still applies to the phone.  It returns what is in force for the device,
+    the later of the user's and the device's -- after a restart too (the
+    store's answer, not this broker's memory)."""
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            t = await im.revoke("alice")
+            assert await im.revoke("alice", "phone", before=1) == t
+            assert await im.revoke("alice", before=1) == t
+            later = await im.revoke("alice", "laptop")
+            assert later >= t and await im.revoke("alice", "laptop", before=1) == later
+        async with open_pimcore(data_dir=tmp_path / "data") as im:
+            assert await im.revoke("alice", "tablet", before=1) == t
+            assert await im.revoke("bob", "phone", before=5) == 5  # no user-wide one: the device's
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_a_filter_reason_that_is_not_utf8_still_refuses_a_clients_send_as_a_host_post(tmp_path: Path,
+                                                                                           kind: str) -> None:
+    """A new user's trial: a content filter answering "bad\\x00...\\ud800" (a
+    lone surrogate) left the client's send unanswered -- "internal error in
+    content_checked ... EncodeError: field 'reason'" -- while a host post
+    with the same filter was refused.  Both are refused with REJECTED and
+    the reason, its unencodable characters replaced."""
+    from pimcore.client_session import SendError
+
+    def plain(user: str, conv: str, payload: bytes):
+        return "bad\x00\x1b[2Jword\ud800" if payload == b"ctl" else None
+
+    async def in_trio(user: str, conv: str, payload: bytes):
+        return plain(user, conv, payload)
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"],
+                                content_filter=plain if kind == "plain" else in_trio) as im:
+            await im.create_group("team", ["alice"])
+            with pytest.raises(RequestRefused) as host:
+                await im.post("team", b"ctl", sender="alice", device="host")
+            assert host.value.code is ErrorCode.REJECTED
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as alice:
+                with pytest.raises(SendError) as client:
+                    with trio.fail_after(10):
+                        await alice.send("team", b"ctl")
+                assert (await alice.send("team", b"fine")).seq == 1  # the connection goes on
+            assert client.value.code is ErrorCode.REJECTED
+            assert client.value.reason == "bad\x00\x1b[2Jword\ufffd"
+            assert str(host.value).endswith("refused: " + client.value.reason)  # the same words
+            assert im.statistics().internal_errors == 0
+
+
+def test_the_asyncio_handles_plain_methods_from_another_thread_raise_before_doing_anything(tmp_path: Path) -> None:
+    """A new user's trial: kick() from a thread other than the loop's
+    half-applied -- the host events said kicked/offline and online_devices
+    lost the session, but the client never got Close(KICKED) -- and raised
+    AttributeError("'RunContext' object has no attribute 'runner'").  Every
+    plain method (kick, online_devices, statistics, issue_token, events)
+    raises RuntimeError from another thread now, with nothing done, as the
+    coroutine methods do from another loop."""
+    from pimcore.asyncio import open_pimcore as open_asyncio
+
+    async def main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], events=True) as im:
+            await im.create_group("team", ["alice"])
+            url, token = im.urls[0], im.issue_token("alice")
+            got: list[object] = []
+            connected, finish = threading.Event(), threading.Event()
+
+            def client() -> None:
+                async def run() -> None:
+                    with trio.move_on_after(20):
+                        async with open_client(url, token, "phone") as c:
+                            connected.set()
+                            while not finish.is_set():
+                                await trio.sleep(0.01)
+                            got.append("still connected")
+                trio.run(run)
+
+            t = threading.Thread(target=client, daemon=True)
+            t.start()
+            await asyncio.wait_for(asyncio.to_thread(connected.wait, 20), 30)
+            while im.online_devices("alice") != ["phone"]:
+                await asyncio.sleep(0.01)
+            calls = {
+                "kick": lambda: im.kick("alice", reason="from another thread"),
+                "online_devices": lambda: im.online_devices("alice"),
+                "statistics": im.statistics,
+                "issue_token": lambda: im.issue_token("alice"),
+                "events": lambda: im.events("x"),
+            }
+            outcomes: dict[str, str] = {}
+
+            def from_a_thread() -> None:
+                for name, call in calls.items():
+                    try:
+                        call()
+                        outcomes[name] = "returned"
+                    except RuntimeError as exc:
+                        outcomes[name] = "refused" if "nothing was done" in str(exc) else repr(exc)
+                    except BaseException as exc:  # noqa: BLE001 - what the test reports
+                        outcomes[name] = repr(exc)
+
+            await asyncio.wait_for(asyncio.to_thread(from_a_thread), 20)
+            assert outcomes == {name: "refused" for name in calls}
+            await asyncio.sleep(0.2)
+            assert im.online_devices("alice") == ["phone"]  # nothing was done
+            _, events = await im.next_events("x", after=0)
+            assert [e.type for e in events if e.type in ("kicked", "offline")] == []
+            finish.set()
+            await asyncio.wait_for(asyncio.to_thread(t.join, 20), 30)
+            assert got == ["still connected"]
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_asyncio_events_checks_at_the_call_as_the_trio_handles_does(tmp_path: Path) -> None:
+    """A new user's trial: the asyncio handle's events() after the block
+    returned a stream that raised BrokerStopped only when iterated, and
+    took an ``after`` or ``limit`` out of range (or of the wrong type)
+    until then; the trio handle raises at the call, and EMBEDDING.md says
+    every call after the block raises."""
+    from pimcore.asyncio import open_pimcore as open_asyncio
+    from pimcore.asyncio import BrokerStopped
+
+    async def main() -> None:
+        async with open_asyncio(data_dir=tmp_path / "data", events=True) as im:
+            with pytest.raises(RequestRefused):
+                im.events(after=-1)
+            with pytest.raises(RequestRefused):
+                im.events(limit=0)
+            with pytest.raises(TypeError):
+                im.events(limit="10")
+            with pytest.raises(TypeError):
+                im.events(after=1.5)
+            im.events(after=0, limit=10)  # valid ones still make a stream
+        with pytest.raises(BrokerStopped):
+            im.events()
+        with pytest.raises(BrokerStopped):
+            im.events("x", after=0)
+
+    async def trio_main() -> None:  # what the trio handle does with the same arguments
+        async with open_pimcore(data_dir=tmp_path / "trio", events=True) as im:
+            with pytest.raises(RequestRefused):
+                im.events(after=-1)
+            with pytest.raises(TypeError):
+                im.events(limit="10")
+        with pytest.raises(BrokerStopped):
+            im.events()
+
+    from pimcore.errors import BrokerStopped as TrioStopped
+    assert BrokerStopped is TrioStopped
+    trio.run(trio_main)
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_the_asyncio_handle_has_online_anywhere(tmp_path: Path) -> None:
     from pimcore.asyncio import open_pimcore as open_asyncio
 

@@ -142,6 +142,16 @@ def test_a_device_revocation_leaves_the_other_devices_alone(h):
     assert other not in h.closed
 
 
+def test_a_device_revocation_answers_the_bound_in_force_for_the_device(h):
+    """Revoked.before of a device's revocation is what applies to that
+    device: the later of the user-wide bound and the device's (it answered
+    the device's alone, an earlier time than the one in force)."""
+    assert h.revoke("alice", None, 500) == Revoked("alice", "", 500)
+    assert h.revoke("alice", "phone", 100) == Revoked("alice", "phone", 500)
+    assert h.revoke("alice", "phone", 700) == Revoked("alice", "phone", 700)
+    assert h.revoke("alice", "laptop", 600) == Revoked("alice", "laptop", 600)
+
+
 def test_revocations_are_durable_and_never_move_back(store, store_driver):
     h = Harness(store, driver=store_driver)
     h.revoke("alice", None, 500)

@@ -1069,6 +1069,26 @@ async def test_a_purge_on_one_node_during_a_fan_out_on_another_leaves_readable_i
             assert [m.seq for _, m in await s2.inbox_range("bob", 0, 10)] == [3]
 
 
+async def test_a_device_revocation_answers_the_bound_in_force_for_the_device(redis_cluster) -> None:
+    """As test_host's: Revoked.before of a device's revocation is the later
+    of the user-wide bound and the device's (a new user's trial got the
+    device's alone, an earlier time than the one in force)."""
+    from pimcore.store import Revoked, RevokeTokens
+    from pimcore.store.redis import RedisStore
+
+    ns = _ns()
+    with trio.fail_after(60):
+        async with RedisStore.connect(redis_cluster.url, namespace=ns) as s:
+            (res,) = await s.execute(StoreRequest(1, (RevokeTokens("alice", "", 500),), True))
+            assert res == Revoked("alice", "", 500)
+            (res,) = await s.execute(StoreRequest(2, (RevokeTokens("alice", "phone", 100),), True))
+            assert res == Revoked("alice", "phone", 500)
+            (res,) = await s.execute(StoreRequest(3, (RevokeTokens("alice", "phone", 700),), True))
+            assert res == Revoked("alice", "phone", 700)
+            (res,) = await s.execute(StoreRequest(4, (RevokeTokens("bob", "phone", 100),), True))
+            assert res == Revoked("bob", "phone", 100)
+
+
 async def test_a_revoke_on_another_node_during_a_purge_of_the_user_stays_in_force(redis_cluster) -> None:
     """PurgeUser revokes the user's tokens issued before its time; a later
     revoke through another node that lands while the purge is being written

@@ -802,3 +802,195 @@ def test_listeners_come_from_the_host_never_the_environment_and_other_variables_
         monkeypatch.setenv("PIMCORE_CONFIG", str(conf))  # a file named by the environment: no listener from it
         with _start(tmp_path / "d") as im:
             assert im.urls == []
+
+
+def test_removing_an_event_handler_without_events_is_events_disabled_as_setting_one(tmp_path: Path) -> None:
+    """pimcore.h: pim_set_event_callback needs events, else PIM_ERR_INVALID --
+    a removal (NULL) returned PIM_OK all the same (a new user's trial).
+    Setting and removing agree now: EventsDisabled (a ValueError)."""
+    with _start(tmp_path / "d") as im:
+        with pytest.raises(EventsDisabled):
+            im.set_event_handler(lambda ev: True)
+        with pytest.raises(EventsDisabled):
+            im.set_event_handler(None)
+        with pytest.raises(EventsDisabled):
+            im.set_event_handler(None, "other")
+
+
+def test_post_many_of_a_str_says_it_takes_a_list(tmp_path: Path) -> None:
+    """post_many("notalist") said "got a str at 0" (the threaded handle made
+    a list of its letters first); it says what the trio handle says: a list
+    of dicts, not a str.  Nothing is posted."""
+    with _start(tmp_path / "d") as im:
+        im.create_group("team", ["alice"])
+        for bad in ("notalist", b"bytes", {"conv": "team", "payload": b"x"}, 5):
+            with pytest.raises(TypeError, match=r"takes a list of dicts \(one per post\), not a"):
+                im.post_many(bad)  # type: ignore[arg-type]
+        assert im.history("team", "alice") == []
+
+
+def test_two_brokers_whose_handlers_close_each_other_get_would_deadlock_not_a_hang(tmp_path: Path) -> None:
+    """A new user's trial: A's event handler closed B while B's handler
+    closed A.  close() waits for the broker's handlers to return, so each
+    waited for the other for good (and a later close of A from the main
+    thread hung too).  The call that would close the wait-for cycle raises
+    WouldDeadlock; the other one goes through.  Run under timeouts: without
+    the detection the handlers never return and the test fails (the stuck
+    brokers are left behind, not closed, so it does not hang)."""
+    a = _start(tmp_path / "a", events=True)
+    b = _start(tmp_path / "b", events=True)
+    for im in (a, b):
+        im.create_group("g", ["alice"])
+        im.post("g", b"x")
+    outcomes: dict[str, str] = {}
+    both = threading.Barrier(2, timeout=10)  # both handlers are running before either closes
+    returned = [threading.Event(), threading.Event()]
+
+    def handler_for(other, name: str, i: int):
+        def handler(ev) -> bool:
+            if name not in outcomes:
+                outcomes[name] = "running"
+                both.wait()
+                try:
+                    other.close()
+                    outcomes[name] = "closed"
+                except WouldDeadlock:
+                    outcomes[name] = "deadlock"
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    outcomes[name] = repr(exc)
+                returned[i].set()
+            return True
+        return handler
+
+    a.set_event_handler(handler_for(b, "a", 0))
+    b.set_event_handler(handler_for(a, "b", 1))
+    assert returned[0].wait(15) and returned[1].wait(15), f"the handlers hung in close(): {outcomes}"
+    assert sorted(outcomes.values()) == ["closed", "deadlock"], outcomes
+    closed = a if outcomes["b"] == "closed" else b
+    other = b if closed is a else a
+    assert closed.closed
+    with pytest.raises(BrokerStopped):
+        closed.post("g", b"y")
+    other.post("g", b"still up")  # the refused close did nothing
+    done = threading.Thread(target=other.close, daemon=True)
+    done.start()
+    done.join(15)
+    assert not done.is_alive(), "closing the other broker from the main thread hung"
+
+
+def test_a_wait_for_cycle_through_three_brokers_and_a_handler_swap_is_would_deadlock(tmp_path: Path) -> None:
+    """The cycle can be longer, and a set_event_handler() that waits for a
+    running handler is a wait too: A's handler closes B, B's handler
+    replaces C's running handler (it waits for it to return), C's handler
+    closes A.  Exactly one call -- the one closing the cycle -- raises
+    WouldDeadlock; the others go through once it has.  Under timeouts: the
+    brokers of a failed run are left behind, not closed."""
+    ims = [_start(tmp_path / n, events=True) for n in "abc"]
+    for im in ims:
+        im.create_group("g", ["alice"])
+        im.post("g", b"x")
+    outcomes: dict[int, str] = {}
+    all_running = threading.Barrier(3, timeout=10)
+    returned = [threading.Event() for _ in ims]
+    calls = [ims[1].close, lambda: ims[2].set_event_handler(lambda ev: True), ims[0].close]
+
+    def handler_for(i: int):
+        def handler(ev) -> bool:
+            if i not in outcomes:
+                outcomes[i] = "running"
+                all_running.wait()
+                try:
+                    calls[i]()
+                    outcomes[i] = "ok"
+                except WouldDeadlock:
+                    outcomes[i] = "deadlock"
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    outcomes[i] = repr(exc)
+                returned[i].set()
+            return True
+        return handler
+
+    for i, im in enumerate(ims):
+        im.set_event_handler(handler_for(i))
+    assert all(r.wait(15) for r in returned), f"the handlers hung: {outcomes}"
+    assert sorted(outcomes.values()) == ["deadlock", "ok", "ok"], outcomes
+    closing: list[str] = []
+
+    def close_all() -> None:
+        for im in ims:
+            try:
+                im.close()
+                closing.append("ok")
+            except Exception as exc:  # noqa: BLE001 - what the test reports
+                closing.append(repr(exc))
+
+    # (A new thread: it may get the ident of a broker thread that ended --
+    # that broker's close() took it for its own loop thread, WouldDeadlock.)
+    closer = threading.Thread(target=close_all, daemon=True)
+    closer.start()
+    closer.join(15)
+    assert not closer.is_alive(), "closing the brokers from another thread hung"
+    assert closing == ["ok"] * 3
+
+
+def test_close_again_from_a_new_thread_is_ok_whatever_ident_it_gets(tmp_path: Path) -> None:
+    """A closed broker kept its loop thread's ident, and a thread started
+    later is often given that ident again (the C library reuses the ended
+    thread's): close() from it -- pim_broker_free after pim_broker_stop --
+    took it for the loop's own thread and raised WouldDeadlock (a handle
+    never freed).  Found by the three-broker test above."""
+    im = _start(tmp_path / "d")
+    im.close()
+    results: list[str] = []
+
+    def again() -> None:
+        try:
+            im.close()
+            results.append("ok")
+        except Exception as exc:  # noqa: BLE001 - what the test reports
+            results.append(repr(exc))
+
+    for _ in range(10):
+        t = threading.Thread(target=again)
+        t.start()
+        t.join(10)
+    assert results == ["ok"] * 10
+
+
+def test_set_event_handler_racing_close_is_ok_or_broker_stopped(tmp_path: Path) -> None:
+    """A new user's trial (pim_set_event_callback racing pim_broker_stop):
+    8 of 20 rounds got RuntimeError("Nursery is closed to new arrivals"),
+    PIM_ERR_INTERNAL through the C ABI -- the swap started the new
+    dispatcher after close() had ended the broker's nursery.  Every call
+    returns, or raises BrokerStopped."""
+    unexpected: list[str] = []
+
+    def handler(ev) -> bool:
+        return True
+
+    for round_ in range(20):
+        im = _start(tmp_path / f"d{round_}", events=True)
+        stop = threading.Event()
+
+        def setter(consumer: str) -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    im.set_event_handler(handler if i % 2 else None, consumer)
+                except BrokerStopped:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - what the test reports
+                    unexpected.append(repr(exc))
+                i += 1
+
+        threads = [threading.Thread(target=setter, args=(f"c{i % 2}",), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(0.1)
+        im.close()
+        threading.Event().wait(0.02)
+        stop.set()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive(), "a set_event_handler call hung"
+    assert unexpected == []

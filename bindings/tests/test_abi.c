@@ -20,6 +20,12 @@
  *       two threads set one consumer's event callback at once, then one
  *       removes it: no call after the removal, never two calls at once,
  *       ids in order
+ *   test_abi cross-stop DATA_DIR
+ *       two brokers whose event callbacks stop each other: one stop gets
+ *       PIM_ERR_WOULD_DEADLOCK, the other stops its broker, nothing hangs
+ *   test_abi setcb-stop DATA_DIR
+ *       pim_set_event_callback racing pim_broker_stop: PIM_OK or
+ *       PIM_ERR_STOPPED, never PIM_ERR_INTERNAL
  *   test_abi init-fails
  *       Python cannot start (the caller sets PIMCORE_PYTHON or PYTHONHOME
  *       wrong): every call says PIM_ERR_INIT, never PIM_OK
@@ -850,6 +856,17 @@ static int run_argument_checks(const char *dir)
     CHECK_RC(pim_ack_events(b, "late", 1, &again), PIM_OK);
     CHECK(again == cursor, "never back (%llu)", (unsigned long long)again);
     CHECK_RC(pim_broker_free(b), PIM_OK);
+    /* A broker without events: setting a callback and removing one are both
+     * PIM_ERR_INVALID, as pimcore.h says (a removal was PIM_OK: a trial). */
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s-noev\", \"durability\": \"os\"}", dir);
+    CHECK_RC(pim_broker_start(config, &b), PIM_OK);
+    if (!b)
+        return 1;
+    CHECK_RC(pim_set_event_callback(b, NULL, on_event, &main_log, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_set_event_callback(b, NULL, NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "no host events") != NULL, "the refusal says why: %s", pim_last_error());
+    CHECK_RC(pim_set_event_callback(b, "other", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_broker_free(b), PIM_OK);
     printf("%d checks, %d failed\n", checks, failures);
     return failures != 0;
 }
@@ -946,6 +963,120 @@ static int run_callback_race(const char *dir)
     return failures != 0;
 }
 
+/* cross-stop (a new user's trial): broker A's event callback stops B while
+ * B's callback stops A.  A stop waits for the broker's callbacks to return,
+ * so both waited for each other for good, and a pim_broker_free(A) from
+ * main after that hung too.  The stop that would close the cycle fails
+ * with PIM_ERR_WOULD_DEADLOCK; the other stops its broker.  The caller
+ * (test_cabi.py) runs this under a timeout: without the detection it hangs. */
+static pim_broker *xs_broker[2];
+static pthread_barrier_t xs_barrier;
+static int xs_rc[2] = {-1, -1}, xs_started[2];
+
+static int xs_cb(const pim_event *e, void *u)
+{
+    int me = (int)(intptr_t)u;
+    (void)e;
+    if (!xs_started[me]) {
+        xs_started[me] = 1;
+        pthread_barrier_wait(&xs_barrier); /* both callbacks run before either stops the other */
+        xs_rc[me] = pim_broker_stop(xs_broker[1 - me]);
+    }
+    return PIM_EVENT_ACK;
+}
+
+static int run_cross_stop(const char *dir)
+{
+    char json[600];
+    const char *members[] = {"alice"};
+    pthread_barrier_init(&xs_barrier, NULL, 2);
+    for (int i = 0; i < 2; i++) {
+        snprintf(json, sizeof json, "{\"data_dir\": \"%s/%c\", \"durability\": \"os\", \"server\": {\"events\": true}}",
+                 dir, 'a' + i);
+        CHECK_RC(pim_broker_start(json, &xs_broker[i]), PIM_OK);
+        if (!xs_broker[i])
+            return 1;
+        CHECK_RC(pim_group_create(xs_broker[i], "g", members, 1), PIM_OK);
+        CHECK_RC(pim_post(xs_broker[i], "g", NULL, NULL, "x", 1, NULL, NULL, NULL), PIM_OK);
+    }
+    for (int i = 0; i < 2; i++)
+        CHECK_RC(pim_set_event_callback(xs_broker[i], NULL, xs_cb, (void *)(intptr_t)i, 0), PIM_OK);
+    double until = now_s() + 20;
+    while ((xs_rc[0] < 0 || xs_rc[1] < 0) && now_s() < until)
+        usleep(10000);
+    CHECK(xs_rc[0] >= 0 && xs_rc[1] >= 0, "both callbacks' stops returned (%d, %d)", xs_rc[0], xs_rc[1]);
+    CHECK((xs_rc[0] == PIM_OK && xs_rc[1] == PIM_ERR_WOULD_DEADLOCK) ||
+              (xs_rc[0] == PIM_ERR_WOULD_DEADLOCK && xs_rc[1] == PIM_OK),
+          "one stop went through, the one closing the cycle is PIM_ERR_WOULD_DEADLOCK (%s, %s)", pim_strerror(xs_rc[0]),
+          pim_strerror(xs_rc[1]));
+    int stopped = xs_rc[1] == PIM_OK ? 0 : 1; /* the broker the callback that got PIM_OK stopped */
+    CHECK_RC(pim_post(xs_broker[stopped], "g", NULL, NULL, "y", 1, NULL, NULL, NULL), PIM_ERR_STOPPED);
+    CHECK_RC(pim_post(xs_broker[1 - stopped], "g", NULL, NULL, "y", 1, NULL, NULL, NULL), PIM_OK);
+    for (int i = 0; i < 2; i++)
+        CHECK_RC(pim_broker_free(xs_broker[i]), PIM_OK);
+    pthread_barrier_destroy(&xs_barrier);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
+/* setcb-stop (a new user's trial): pim_set_event_callback from 4 threads
+ * while another stops the broker returned PIM_ERR_INTERNAL ("Nursery is
+ * closed to new arrivals") in 8 of 20 rounds.  Now PIM_OK or PIM_ERR_STOPPED. */
+static pim_broker *scs_broker;
+static volatile int scs_done;
+static int scs_unexpected;
+static pthread_mutex_t scs_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int scs_cb(const pim_event *e, void *u)
+{
+    (void)e;
+    (void)u;
+    return PIM_EVENT_ACK;
+}
+
+static void *scs_setter(void *arg)
+{
+    const char *consumer = (intptr_t)arg & 1 ? "c1" : "c2";
+    for (int i = 0; !scs_done; i++) {
+        int rc = pim_set_event_callback(scs_broker, consumer, (i & 1) ? scs_cb : NULL, NULL, 0);
+        if (rc != PIM_OK && rc != PIM_ERR_STOPPED) {
+            pthread_mutex_lock(&scs_mu);
+            if (!scs_unexpected++)
+                printf("     first unexpected: %s: %s\n", pim_strerror(rc), pim_last_error());
+            pthread_mutex_unlock(&scs_mu);
+        }
+    }
+    return NULL;
+}
+
+static int run_setcb_stop(const char *dir)
+{
+    char json[600];
+    snprintf(json, sizeof json, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true}}", dir);
+    for (int round = 0; round < 20; round++) {
+        int rc = pim_broker_start(json, &scs_broker);
+        if (rc != PIM_OK) {
+            CHECK_RC(rc, PIM_OK);
+            return 1;
+        }
+        scs_done = 0;
+        pthread_t t[4];
+        for (intptr_t i = 0; i < 4; i++)
+            pthread_create(&t[i], NULL, scs_setter, (void *)i);
+        usleep(100000);
+        pim_broker_stop(scs_broker);
+        usleep(20000);
+        scs_done = 1;
+        for (int i = 0; i < 4; i++)
+            pthread_join(t[i], NULL);
+        pim_broker_free(scs_broker);
+    }
+    CHECK(scs_unexpected == 0, "set_event_callback racing stop: PIM_OK or PIM_ERR_STOPPED only (%d others)",
+          scs_unexpected);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures != 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -974,8 +1105,12 @@ int main(int argc, char **argv)
         return run_fork(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "callback-race") == 0)
         return run_callback_race(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "cross-stop") == 0)
+        return run_cross_stop(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "setcb-stop") == 0)
+        return run_setcb_stop(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "event-kinds") == 0)
         return run_event_kinds(argv[2], argv[3], getenv("PIM_TEST_DIR") ? getenv("PIM_TEST_DIR") : ".");
-    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s main DATA_DIR PYTHON [POSTS_PER_THREAD] | init-fails | first-calls-race | event-kinds DATA_DIR PYTHON | fork DATA_DIR | last-error-utf8 DATA_DIR | argument-checks DATA_DIR | callback-race DATA_DIR | cross-stop DATA_DIR | setcb-stop DATA_DIR\n", argv[0]);
     return 2;
 }

@@ -102,6 +102,7 @@ from ..core import (
     ResumeReading,
     SendData,
     StoreRequest,
+    verdict_reason,
 )
 from ..errors import AuthError, BrokerStopped, CloseCode, ErrorCode, StoreError
 from ..store.base import AsyncStore, Deduped, GroupChanged, ReadDedupe, Rejected, Result, Store, StoreRequest as _StoreRequest
@@ -2547,11 +2548,11 @@ class BrokerServer:
             if scope.cancelled_caught:
                 return None
             if reason is not None:
-                return str(reason), ErrorCode.REJECTED
+                return verdict_reason(reason), ErrorCode.REJECTED  # (a host post's words = a client's)
         if self.moderator is not None:
             verdict = await self.moderator.check(conv=conv, sender=user, device=device, local_id=local_id,
                                                  payload=payload, now=self.now(), source=source)
-            return verdict.reason, verdict.code
+            return (None if verdict.reason is None else verdict_reason(verdict.reason)), verdict.code
         return None, ErrorCode.OK
 
     async def check_content(self, user: str, device: str, conv: str, payload: bytes, local_id: int) -> tuple[Optional[str], ErrorCode]:

@@ -1148,7 +1148,8 @@ class GroupChanged:
 class Revoked:
     user: str
     device: str  # "" = every device of the user
-    before: int  # µs: tokens issued earlier are refused
+    before: int  # µs: tokens issued earlier are refused -- in force for the device: with device, the later of
+    #              the user-wide bound and the device's (both apply to its tokens)
 
 
 @dataclass(frozen=True, slots=True)

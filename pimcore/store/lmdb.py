@@ -4174,7 +4174,10 @@ class LmdbStore(Store):
         raw = w.txn.get(key, db=self._revoked)
         before = max(_I64.unpack(raw)[0] if raw is not None else 0, op.before)
         w.txn.put(key, _I64.pack(before), db=self._revoked)
-        return Revoked(op.user, op.device, before)
+        # The answer is the bound in force for the device: the user-wide one
+        # applies to it too (base.Revoked; a device's revoke answered an
+        # earlier time than the one in force: a new user's trial).
+        return Revoked(op.user, op.device, self._revoked_in(w.txn, op.user, op.device))
 
     # ----------------------------------------------------- retention, purge
 

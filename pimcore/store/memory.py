@@ -280,6 +280,8 @@ class MemoryStore(Store):
         key = (op.user, op.device)
         before = max(self._revoked.get(key, 0), op.before)
         self._set(self._revoked, key, before)
+        if op.device:  # in force for the device: the user-wide bound too (base.Revoked)
+            before = max(before, self._revoked.get((op.user, ""), 0))
         return Revoked(op.user, op.device, before)
 
     def _set_privacy(self, op: SetPresencePrivacy) -> Result:

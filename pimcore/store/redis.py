@@ -1354,6 +1354,8 @@ class RedisStore(AsyncStore):
         uk = self._k_user(op.user)
         before = max(_int(await tx.get(uk, "rv:" + op.device)), op.before)
         tx.put(uk, "rv:" + op.device, before)
+        if op.device:  # in force for the device: the user-wide bound too (base.Revoked)
+            before = max(before, _int(await tx.get(uk, "rv:")))
         return Revoked(op.user, op.device, before)
 
     async def _set_privacy(self, tx: _Tx, op: SetPresencePrivacy) -> Result:

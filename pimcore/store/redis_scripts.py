@@ -1083,10 +1083,15 @@ class ClusterOps:
             results[idx[0]] = await self._set_conversation(op)
         elif kind is RevokeTokens:
             rnd = _Round()
-            rnd.script("MAXSET", (self.s._k_user(op.user), self.change_key(op.user)),
-                       ("rv:" + op.device, op.before, 1 << 62))
-            (old_new,) = await self.run(rnd)
-            results[idx[0]] = Revoked(op.user, op.device, int(old_new[1]))
+            uk = self.s._k_user(op.user)
+            rnd.script("MAXSET", (uk, self.change_key(op.user)), ("rv:" + op.device, op.before, 1 << 62))
+            if op.device:  # in force for the device: the user-wide bound too (base.Revoked)
+                rnd.raw(uk, "HGET", uk, "rv:")
+            answers = await self.run(rnd)
+            before = int(answers[0][1])
+            if op.device and answers[1] is not None:
+                before = max(before, int(answers[1]))
+            results[idx[0]] = Revoked(op.user, op.device, before)
         elif kind is AppendEvent:
             # The op is the event's identity (two equal ops are two events,
             # as in the memory store): a key of this attempt makes the
