@@ -4005,17 +4005,21 @@ class LmdbStore(Store):
             return self._read_readers_in(txn, op)
 
     def _read_history_in(self, txn: _Txn, op: ReadHistory) -> HistoryPage:
-        if not (valid_conversation(op.conv) and valid_id(op.user)):
+        if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
             return HistoryPage(ErrorCode.BAD_REQUEST, ())
         ck = _t(op.conv)
         is_group = not is_direct(op.conv)
         flags = self._group_flags(txn, ck) if is_group else 0
         if flags is None:
             return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-        spans = self._spans_in(txn, ck, op.user)
-        if not spans:
-            return HistoryPage(ErrorCode.NOT_MEMBER, ())
-        ranges = after_floor(visible_ranges(spans, bool(flags & _HISTORY_VISIBLE)), self._retention_in(txn, ck)[2])
+        if op.user:
+            spans = self._spans_in(txn, ck, op.user)
+            if not spans:
+                return HistoryPage(ErrorCode.NOT_MEMBER, ())
+            ranges = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        else:
+            ranges = [(1, OPEN)]  # the broker's own read: every seq
+        ranges = after_floor(ranges, self._retention_in(txn, ck)[2])
         page = []
         for seq in page_seqs(ranges, self._last_seq(txn, ck), op.from_seq, op.limit, op.backward):
             ref = txn.get(ck + _U64.pack(seq), db=self._convidx)

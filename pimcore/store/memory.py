@@ -900,14 +900,18 @@ class MemoryStore(Store):
     def _read_history(self, op: ReadHistory) -> HistoryPage:
         with self._lock:
             self._check_open()
-            if not (valid_conversation(op.conv) and valid_id(op.user)):
+            if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
                 return HistoryPage(ErrorCode.BAD_REQUEST, ())
             if self._group_members(op.conv) is None:
                 return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-            spans = self._spans_of(op.conv, op.user)
-            if not spans:
-                return HistoryPage(ErrorCode.NOT_MEMBER, ())
-            ranges = after_floor(visible_ranges(spans, self._visible.get(op.conv, False)), self._hfloor.get(op.conv, 0))
+            if op.user:
+                spans = self._spans_of(op.conv, op.user)
+                if not spans:
+                    return HistoryPage(ErrorCode.NOT_MEMBER, ())
+                ranges = visible_ranges(spans, self._visible.get(op.conv, False))
+            else:
+                ranges = [(1, OPEN)]  # the broker's own read: every seq
+            ranges = after_floor(ranges, self._hfloor.get(op.conv, 0))
             seqs = page_seqs(ranges, self._conv_last.get(op.conv, 0), op.from_seq, op.limit, op.backward)
             return HistoryPage(ErrorCode.OK, tuple(self._current(self._msgs[self._conv_seq[(op.conv, s)]], op.user) for s in seqs))
 
