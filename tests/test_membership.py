@@ -262,6 +262,37 @@ def test_a_removal_by_another_writer_in_a_group_the_broker_saw_no_message_of(h):
     assert [(m.kind, m.seq) for m in h.drain_device(alice)] == [(LEFT, 1)]
 
 
+def test_the_brokers_own_changes_are_no_hole_to_read(h):
+    """The hole read (_learn_seqs) is for another writer's entries only:
+    the broker's own messages, amendments and membership changes -- in one
+    batch, in any order of ops -- and logins' seeds never set one off."""
+    from pimcore.store import ReadHistory
+
+    def hole_reads() -> list:
+        return [op for r in h.reads for op in r.ops if isinstance(op, ReadHistory) and op.user == ""]
+
+    h.create_group("g", ["alice", "bob"])
+    alice, bob = h.login("alice", "phone"), h.login("bob", "phone")
+    h.send(alice, "g", b"one", local_id=1)
+    h.feed(alice, F.AmendReq(2, "g", 1, int(F.MessageKind.EDIT), h.now, b"one!"))
+    h.add_members("g", ["carol"])
+    carol = h.login("carol", "phone")
+    h.hold_commits = True  # one batch: a message, a removal, a message, an amendment
+    h.send(alice, "g", b"two", local_id=3)
+    h.run(h.broker.remove_members("g", ["carol"], h.now, ref=99))
+    h.send(bob, "g", b"three", local_id=1)
+    h.feed(alice, F.AmendReq(4, "g", 4, int(F.MessageKind.EDIT), h.now, b"two!"))
+    h.hold_commits = False
+    h.release()
+    h.send(alice, "g", b"four", local_id=5)
+    assert [m.seq for m in h.store.history("g", 0, 20)] == list(range(1, 9))
+    assert [(m.kind, m.sender) for m in h.drain_device(carol)][-1] == (LEFT, "carol")
+    assert hole_reads() == []
+    h.store.remove_members("g", ["bob"])  # now another writer: one read, of its seq
+    h.send(alice, "g", b"five", local_id=6)
+    assert [(op.from_seq, op.limit) for op in hole_reads()] == [(8, 1)]
+
+
 @pytest.mark.parametrize("visible", [False, True])
 def test_history_visible_setting(h, visible):
     h.run(h.broker.create_group("g", ["alice", "bob"], h.now, ref=1, history_visible=visible))
