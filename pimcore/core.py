@@ -1009,10 +1009,39 @@ class _PresenceRead:
         self.sub = sub  # request id of the PresenceSub read this installs or re-checks
 
 
+class _GapRead:
+    """The broker's own history read (ReadHistory, user "") of the seqs of
+    group ``conv`` after ``after`` up to ``upto``: entries another writer
+    added (``pimcore group`` on the data directory) that a message of ours
+    jumped over (Broker._learn_seqs).  Its LEFT entries name users who may
+    have devices online here that nothing else would tell."""
+
+    __slots__ = ("conn", "conv", "after", "upto")
+
+    def __init__(self, conv: str, after: int, upto: int) -> None:
+        self.conn = -1  # (no connection: a failed read closes none)
+        self.conv = conv
+        self.after = after
+        self.upto = upto
+
+
+class _HeadRead:
+    """A user's inbox head, read (LoadSession, login False: the one read
+    that answers it; a login's worth of work, for a rare event) for their
+    devices online here after another writer appended to their inbox
+    (_GapRead)."""
+
+    __slots__ = ("conn", "user")
+
+    def __init__(self, user: str) -> None:
+        self.conn = -1
+        self.user = user
+
+
 #: Every kind of read a core request waits for (Broker._reads).
 _AnyRead = Union[
     "_LoginRead", "_InboxRead", "_HistoryRead", "_ReadersRead", _ConvListRead, _ConvUpdateRead, _TypingRead, _PresenceRead,
-    _FloorRead, _MembersRead,
+    _FloorRead, _MembersRead, _GapRead, _HeadRead,
 ]
 
 
@@ -1293,6 +1322,22 @@ class Broker:
         # The indices of the in-flight batch's group messages (their
         # answers are read for _sizes).
         self._inflight_groups: list[int] = []
+        # The last seq of each group as this broker saw it: its own commits
+        # (messages, amendments, membership changes) and the logins' read
+        # states.  Why: ``pimcore group add|remove`` on the data directory
+        # writes JOINED/LEFT entries into the store behind the broker's
+        # back.  The group's next message of ours then jumps over their
+        # seqs; its recipients get them anyway (their inbox positions jump
+        # too, and the pump reads what it lacks), but a user who LEFT is no
+        # recipient, and their devices online here would never get their
+        # LEFT entry (a new user's trial).  A jump is read (_GapRead).  At most
+        # _MAX_SIZES groups, the oldest noted forgotten first (a group not
+        # here is not checked).  Not kept when other nodes share the store
+        # (relay_elsewhere): their messages make jumps all the time, and
+        # they tell us of their entries themselves (inbox_advanced).
+        self._seqs: dict[str, int] = {}
+        # conv -> the seqs of it the batch being finished committed.
+        self._batch_seqs: dict[str, list[int]] = {}
         self._batch_entries = 0  # the next batch's, as _batch_end counted them
         self._ack_slot: dict[tuple[str, str], int] = {}  # coalesce acks in _ops
         self._read_slot: dict[tuple[str, str], int] = {}  # coalesce reads in _ops
@@ -1751,6 +1796,8 @@ class Broker:
             elif kind is AmendMessage:
                 assert isinstance(ctx, _PendingSend)
                 self._finish_amend(op, ctx, res, to_pump, out)  # type: ignore[arg-type]
+                if type(res) is Appended and res.seq and not self.relay_elsewhere and not op.conv.startswith(DIRECT_PREFIX):  # type: ignore[union-attr]
+                    self._batch_seqs.setdefault(op.conv, []).append(res.seq)  # type: ignore[union-attr]
             elif kind is MarkRead:
                 assert isinstance(ctx, _ReadCtx)
                 if isinstance(res, ReadMarked):
@@ -1781,6 +1828,8 @@ class Broker:
                 elif isinstance(res, Purged):
                     if isinstance(op, PurgeConversation):
                         self._sizes.pop(op.conv, None)
+                        self._seqs.pop(op.conv, None)
+                        self._batch_seqs.pop(op.conv, None)
                         self._refresh_floor(op.conv, res.last_seq, out)
                         for user in res.users:  # (a group's: it is gone with its markers)
                             self._purged_group(user, op.conv, res.last_seq, out)
@@ -1802,6 +1851,8 @@ class Broker:
             # moved; the store only makes it survive a restart.
         if acks:
             self._flush_acks(acks, out)
+        if self._batch_seqs:
+            self._learn_seqs(out)
         # SendAcks above, pushes after: the sender learns "durable" no later
         # than any recipient sees the message.
         for user in sorted(to_pump):
@@ -1914,6 +1965,11 @@ class Broker:
             self._floor_read_done(ctx, res, out)
         elif type(ctx) is _MembersRead:
             self._members_read_done(ctx, res, out)
+        elif type(ctx) is _GapRead:
+            self._gap_read_done(ctx, res, now, out)
+        elif type(ctx) is _HeadRead:
+            if isinstance(res, SessionLoaded):
+                self._advance_head(ctx.user, res.head, out, now)
         elif type(ctx) is _ReadersRead:
             c = self._conns.get(ctx.conn)
             if c is None:
@@ -2218,6 +2274,8 @@ class Broker:
     def _finish_admin(self, res: GroupChanged, to_pump: set[str]) -> None:
         """Membership entries are pushed like messages (cf. _finish_send)."""
         self._membership_changed(res)
+        if not self.relay_elsewhere and not res.conv.startswith(DIRECT_PREFIX):
+            self._batch_seqs.setdefault(res.conv, []).extend(m.seq for m in res.entries)
         heads, fresh, online = self._heads, self._fresh, self._online
         for m, positions in zip(res.entries, res.positions):
             for user, pos in positions:
@@ -2275,11 +2333,17 @@ class Broker:
         is only a wake-up: stale, repeated or lost hints are harmless
         (positions decide what is delivered)."""
         out: list[Command] = []
+        self._advance_head(user, head, out, now)
+        return out
+
+    def _advance_head(self, user: str, head: int, out: list[Command], now: int) -> None:
+        """``user``'s inbox grew to ``head`` (read or told, not committed
+        here): their devices online here are pushed what they lack (from
+        the store)."""
         if user in self._heads and head > self._heads[user]:
             self._heads[user] = head
             for dev in list(self._online.get(user, {}).values()):
                 self._pump(dev, out, now)
-        return out
 
     def replaced_elsewhere(self, user: str, device: str, now: int) -> list[Command]:
         """Cluster hint: ``user``'s ``device`` logged in on another node; its
@@ -2744,6 +2808,18 @@ class Broker:
             dev.full_upto = head  # (its own sends come again too)
         self._online.setdefault(user, {})[device] = dev
         self._heads[user] = head
+        if not self.relay_elsewhere:
+            # The user's groups' last seqs, for those we know nothing of
+            # yet: a group whose messages went by before this broker
+            # started must show a hole (_learn_seqs) should another writer
+            # remove the user from it now.  A known one is left as it is: raising it could
+            # hide a hole.
+            seqs = self._seqs
+            for st in loaded.conversations:
+                if st.conv not in seqs and not st.conv.startswith(DIRECT_PREFIX):
+                    if len(seqs) >= _MAX_SIZES:
+                        del seqs[next(iter(seqs))]
+                    seqs[st.conv] = st.last_seq
         if user in self._pres_watch:
             self._pres_dirty.add(user)
         # Registers the device and refreshes last_seen.  Position 0: the store
@@ -4095,7 +4171,11 @@ class Broker:
         self._typing_gen += 1
         if res.conv in self._typing_members:
             self._typing_members[res.conv] = (self._typing_members[res.conv][0], self._bounded(frozenset(res.members)))
-        moved = {m.sender for m in res.entries}
+        self._recheck_presence({m.sender for m in res.entries})
+
+    def _recheck_presence(self, moved: set[str]) -> None:
+        """The users ``moved`` joined or left a group: the presence
+        subscriptions of or about them are checked again."""
         if not moved or not (self._pres_req or self._pres_reading):
             return
         for conn, users in self._pres_req.items():
@@ -4865,6 +4945,8 @@ class Broker:
             res = results[i]
             if type(res) is Appended:
                 size = len(res.positions)  # type: ignore[union-attr]
+                if not self.relay_elsewhere:
+                    self._batch_seqs.setdefault(ops[i].conv, []).append(res.seq)  # type: ignore[union-attr]
             elif type(res) is Rejected and res.code is ErrorCode.UNKNOWN_CONVERSATION:  # type: ignore[union-attr]
                 size = 0
             else:
@@ -4878,6 +4960,77 @@ class Broker:
         if len(sizes) >= _MAX_SIZES:
             del sizes[next(iter(sizes))]
         sizes[conv] = size
+
+    def _note_seq(self, conv: str, seq: int) -> None:
+        seqs = self._seqs
+        seqs.pop(conv, None)
+        if len(seqs) >= _MAX_SIZES:
+            del seqs[next(iter(seqs))]
+        seqs[conv] = seq
+
+    def _learn_seqs(self, out: list[Command]) -> None:
+        """The seqs the batch just committed, per group (_batch_seqs): a
+        group whose seqs go on past the last one we knew of with a hole
+        had entries written by another writer in between (``pimcore group
+        add|remove`` on the data directory): read them (_GapRead).  Sorted
+        first: a batch's own ops of one group (a message, a membership
+        change, a message) are holes to none of them."""
+        batch, self._batch_seqs = self._batch_seqs, {}
+        for conv, got in batch.items():
+            known = self._seqs.get(conv)
+            got.sort()
+            for seq in got:
+                if known is not None and seq > known + 1:
+                    self._read_gap(_GapRead(conv, known, seq - 1), out)
+                if known is None or seq > known:
+                    known = seq
+            assert known is not None
+            self._note_seq(conv, known)
+
+    def _read_gap(self, ctx: _GapRead, out: list[Command]) -> None:
+        rid = self._request_id()
+        self._reads[rid] = ctx
+        limit = min(ctx.upto - ctx.after, _GAP_PAGE)
+        out.append(StoreRequest(rid, (ReadHistory(ctx.conv, "", ctx.after, limit),), False))
+
+    def _gap_read_done(self, ctx: _GapRead, res: Optional[Result], now: int, out: list[Command]) -> None:
+        """Entries another writer added to group ``ctx.conv`` (_learn_seqs):
+        each user who LEFT in them and has devices online here gets their
+        inbox head read again (_HeadRead), and from it their LEFT entry --
+        as the broker's own RemoveMembers pushes it to them (_finish_admin).
+        Who JOINED needs nothing here: a recipient of the message that
+        showed the hole, their head moved with it and the pump read their
+        JOINED entry from the store.  A failed read is not retried: a user
+        not told gets it all at their next login (as before this was done
+        at all)."""
+        if not isinstance(res, HistoryPage) or res.code is not ErrorCode.OK:
+            return  # failed, or the group was purged meanwhile
+        moved: set[str] = set()
+        left: list[str] = []
+        for m in res.messages:
+            if m.kind == F.MessageKind.LEFT or m.kind == F.MessageKind.JOINED:
+                moved.add(m.sender)
+                if m.kind == F.MessageKind.LEFT and m.sender not in left:
+                    left.append(m.sender)
+        if moved:
+            # What _membership_changed does for our own changes: typing
+            # goes by the members from now on (the cached ones are read
+            # again), and presence subscriptions of or about the users who
+            # came or went are checked again.
+            self._typing_gen += 1
+            self._typing_members.pop(ctx.conv, None)
+            self._recheck_presence(moved)
+        for user in left:
+            devices = self._online.get(user)
+            if devices:
+                rid = self._request_id()
+                self._reads[rid] = _HeadRead(user)
+                # (Any device of theirs: only the head is used.)
+                out.append(StoreRequest(rid, (LoadSession(user, next(iter(devices)), False),), False))
+        if res.messages and len(res.messages) == min(ctx.upto - ctx.after, _GAP_PAGE):
+            last = res.messages[-1].seq
+            if last < ctx.upto:
+                self._read_gap(_GapRead(ctx.conv, last, ctx.upto), out)  # the rest of a long hole
 
     def _reslot(self) -> None:
         """The pending ops moved (a batch was taken from them): count the
@@ -4939,6 +5092,9 @@ _PASSED_OPS = frozenset((AckPosition, TouchDevice, MarkRead, SetConversation))
 #: Groups whose size the core keeps (BrokerConfig.max_batch_entries); about
 #: 100 bytes each.
 _MAX_SIZES = 65_536
+#: Entries a _GapRead asks at a time (a hole is as long as the users that
+#: ``pimcore group`` added and removed in one go).
+_GAP_PAGE = 256
 #: clock_stepped() refuses a step of this many µs or more (146,000 years).
 _MAX_STEP = 1 << 62
 #: The reason of a Close(TOKEN_EXPIRED).

@@ -1132,7 +1132,10 @@ class Pimcore:
         and ``limit`` an int >= 1."""
         _check_int(from_seq, "from_seq", 0)
         _check_int(limit, "limit", 1)
-        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, bool(backward)))
+        # (An empty user is the broker's own unchecked read to the store:
+        # refused here as the malformed id it is to a host.)
+        page = await self._read_one(ReadHistory(conv, user, from_seq, limit, bool(backward))) if user != "" \
+            else HistoryPage(ErrorCode.BAD_REQUEST, ())
         assert isinstance(page, HistoryPage)
         if page.code != ErrorCode.OK:
             raise RequestRefused(page.code, f"history of {_show(conv)} for {_show(user)}: {page.code.name}"

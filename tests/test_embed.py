@@ -45,6 +45,11 @@ async def test_a_trio_host_runs_the_broker_and_reads_what_clients_did(tmp_path: 
             with pytest.raises(RequestRefused) as refused:
                 await im.history("team", "mallory")
             assert refused.value.code is ErrorCode.NOT_MEMBER
+            # An empty user is the broker's own unchecked read to the store:
+            # never a host's (it would read every seq).
+            with pytest.raises(RequestRefused) as refused:
+                await im.history("team", "")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
             assert im.statistics().broker.messages_stored == 4
 
 

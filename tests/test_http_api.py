@@ -172,6 +172,7 @@ async def test_groups_and_members(tmp_path: Path) -> None:
             assert status == 200 and [(m["kind"], m["sender"]) for m in page["messages"]] == [(1, "bob"), (1, "carol"), (2, "carol")]
             assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=mallory"), 403, "NOT_MEMBER")
             assert_error(*await call(c, "GET", "/v1/conversations/g/history"), 400, "BAD_REQUEST")
+            assert_error(*await call(c, "GET", "/v1/conversations/g/history?user="), 400, "BAD_REQUEST")  # (not the broker's own read)
             assert_error(*await call(c, "GET", "/v1/conversations/g/history?user=bob&limit=x"), 400, "BAD_REQUEST")
             assert_error(*await call(c, "GET", "/v1/conversations/nope/history?user=bob"), 404, "UNKNOWN_CONVERSATION")
 

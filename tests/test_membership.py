@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from pimcore import frames as F
+from pimcore.client import SendError
 from pimcore.errors import ErrorCode
 from pimcore.store import LmdbStore, MemoryStore
 
@@ -217,6 +218,81 @@ def test_membership_entries_reach_online_devices_and_offline_ones_catch_up(h):
     assert [m.kind for m in h.store.history("g", 0, 10)] == [JOINED, JOINED, LEFT]
 
 
+def test_changes_by_another_writer_reach_online_devices_with_the_next_message(h):
+    """``pimcore group remove|add`` writes into the store next to a running
+    broker, which learns of it only from the group's next message (a new
+    user's trial): the removed member's online device must get her LEFT
+    entry then too -- she is no recipient of that message, so nothing else
+    would tell her, and she looked like a member until a send of hers
+    failed NOT_MEMBER or she logged in again."""
+    h.create_group("g", ["alice", "bob", "carol"])
+    alice, bob, carol = h.login("alice", "phone"), h.login("bob", "phone"), h.login("carol", "phone")
+    h.send(alice, "g", b"before")
+    for d in (alice, bob, carol):
+        h.drain_device(d)
+    h.store.remove_members("g", ["bob"])  # another writer: the broker is not told
+    h.store.add_members("g", ["dave"])
+    dave = h.login("dave", "phone")  # online (only) after the add: his login reads his JOINED
+    assert [(m.kind, m.sender) for m in h.drain_device(dave)] == [(JOINED, "dave")]
+    h.store.remove_members("g", ["carol"])
+    assert h.drain_device(bob) == [] and h.drain_device(carol) == []  # (nothing yet: as documented)
+    h.send(alice, "g", b"after")
+    assert [(m.kind, m.sender, m.seq) for m in h.drain_device(bob)] == [(LEFT, "bob", 2)]
+    # (carol was a member at bob's LEFT and dave's JOINED: hers come last.)
+    assert [(m.kind, m.sender, m.seq) for m in h.drain_device(carol)] == [(LEFT, "bob", 2), (JOINED, "dave", 3),
+                                                                          (LEFT, "carol", 4)]
+    assert [(m.kind, m.sender, m.seq) for m in h.drain_device(dave)] == [(LEFT, "carol", 4), (MESSAGE, "alice", 5)]
+    assert [(m.kind, m.seq) for m in h.drain_device(alice)] == [(LEFT, 2), (JOINED, 3), (LEFT, 4)]
+    # Told once: the next message finds no entry the broker has not seen.
+    h.send(alice, "g", b"again")
+    assert h.drain_device(bob) == [] and h.drain_device(carol) == []
+    assert [(m.seq, m.payload) for m in h.drain_device(dave)] == [(6, b"again")]
+
+
+def test_a_removal_by_another_writer_in_a_group_the_broker_saw_no_message_of(h):
+    """The group's seqs as of the removed member's login count too: a
+    group made and changed only by another writer (or whose messages came
+    before this broker started) still shows the hole at its next message."""
+    h.store.create_group("g", ["alice", "carol"], now=1)
+    carol = h.login("carol", "phone")
+    alice = h.login("alice", "phone")
+    h.store.remove_members("g", ["carol"])
+    h.send(alice, "g", b"after")
+    assert [(m.kind, m.sender, m.seq) for m in h.drain_device(carol)] == [(LEFT, "carol", 1)]
+    assert [(m.kind, m.seq) for m in h.drain_device(alice)] == [(LEFT, 1)]
+
+
+def test_the_brokers_own_changes_are_no_hole_to_read(h):
+    """The hole read (_learn_seqs) is for another writer's entries only:
+    the broker's own messages, amendments and membership changes -- in one
+    batch, in any order of ops -- and logins' seeds never set one off."""
+    from pimcore.store import ReadHistory
+
+    def hole_reads() -> list:
+        return [op for r in h.reads for op in r.ops if isinstance(op, ReadHistory) and op.user == ""]
+
+    h.create_group("g", ["alice", "bob"])
+    alice, bob = h.login("alice", "phone"), h.login("bob", "phone")
+    h.send(alice, "g", b"one", local_id=1)
+    h.feed(alice, F.AmendReq(2, "g", 1, int(F.MessageKind.EDIT), h.now, b"one!"))
+    h.add_members("g", ["carol"])
+    carol = h.login("carol", "phone")
+    h.hold_commits = True  # one batch: a message, a removal, a message, an amendment
+    h.send(alice, "g", b"two", local_id=3)
+    h.run(h.broker.remove_members("g", ["carol"], h.now, ref=99))
+    h.send(bob, "g", b"three", local_id=1)
+    h.feed(alice, F.AmendReq(4, "g", 4, int(F.MessageKind.EDIT), h.now, b"two!"))
+    h.hold_commits = False
+    h.release()
+    h.send(alice, "g", b"four", local_id=5)
+    assert [m.seq for m in h.store.history("g", 0, 20)] == list(range(1, 9))
+    assert [(m.kind, m.sender) for m in h.drain_device(carol)][-1] == (LEFT, "carol")
+    assert hole_reads() == []
+    h.store.remove_members("g", ["bob"])  # now another writer: one read, of its seq
+    h.send(alice, "g", b"five", local_id=6)
+    assert [(op.from_seq, op.limit) for op in hole_reads()] == [(8, 1)]
+
+
 @pytest.mark.parametrize("visible", [False, True])
 def test_history_visible_setting(h, visible):
     h.run(h.broker.create_group("g", ["alice", "bob"], h.now, ref=1, history_visible=visible))
@@ -287,6 +363,67 @@ async def test_sdk_membership_entries_unread_and_readers(tmp_path):
                         assert err.value.code is ErrorCode.NOT_MEMBER
     finally:
         store.close()
+
+
+async def test_cli_group_remove_and_add_reach_running_devices(tmp_path):
+    """``pimcore group remove`` / ``add`` on the data directory while the
+    broker runs (README: they work then, and the change reaches running
+    chats with the group's next message).  A new user's trial: carol,
+    removed, never got her LEFT entry on her running device -- only a new
+    device or history showed it."""
+    import trio
+
+    from pimcore.client import open_client
+    from pimcore.embed import open_pimcore
+
+    from _net import FAST_CLIENT
+    from _proc import run_pimcore
+
+    data = tmp_path / "data"
+
+    async def pimcore_group(*argv: str) -> None:
+        r = await trio.to_thread.run_sync(lambda: run_pimcore("group", *argv, "--data-dir", data))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r
+
+    async def take(client, n: int) -> list:
+        got = []
+        with trio.fail_after(10):
+            async for m in client.messages():
+                got.append((m.seq, m.kind, m.sender, m.payload))
+                if len(got) == n:
+                    return got
+        return got
+
+    with trio.fail_after(60):
+        async with open_pimcore(data_dir=data, listen=["tcp://127.0.0.1:0"]) as im:
+            await im.create_group("g", ["alice", "carol"])
+            url = im.urls[0]
+            async with open_client(url, im.issue_token("alice"), "a1", config=FAST_CLIENT) as a, \
+                    open_client(url, im.issue_token("carol"), "c1", config=FAST_CLIENT) as c, \
+                    open_client(url, im.issue_token("dave"), "d1", config=FAST_CLIENT) as d:
+                await d.wait_connected()
+                await a.send("g", b"before")
+                assert await take(c, 1) == [(1, MESSAGE, "alice", b"before")]
+                await pimcore_group("remove", "g", "carol")
+                await a.send("g", b"after removal")
+                # Her LEFT entry comes to the running device, and nothing after it.
+                assert await take(c, 1) == [(2, LEFT, "carol", b"")]
+                assert [s for s in await take(a, 1)] == [(2, LEFT, "carol", b"")]
+                await pimcore_group("add", "g", "dave")
+                await a.send("g", b"welcome dave")
+                # An added user online: her JOINED entry and the message (the
+                # message's recipients name her, so this worked before too).
+                assert await take(d, 2) == [(4, JOINED, "dave", b""), (5, MESSAGE, "alice", b"welcome dave")]
+                assert await take(a, 1) == [(4, JOINED, "dave", b"")]
+                with pytest.raises(SendError) as refused:
+                    await c.send("g", b"carol after removal")
+                assert refused.value.code is ErrorCode.NOT_MEMBER
+                # carol got nothing after her LEFT entry (a send of alice's
+                # would be pushed before this one of dave's, which is not).
+                await d.send("g", b"thanks")
+                assert await take(a, 1) == [(6, MESSAGE, "dave", b"thanks")]
+                assert [m.seq for m in await c.fetch_history("g", 0, 50)] == [1, 2]
+                assert c.view("g")[-1].seq == 2
 
 
 # ---------------------------------------------------------------- model-based

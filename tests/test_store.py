@@ -1233,7 +1233,8 @@ class StoreModel(RuleBasedStateMachine):
         (the memory store's) asks its read methods: the answers agree."""
         users = USERS + ["dave", "b@d:"]
         reads = (
-            [LoadSession(u, d) for u in users for d in DEVICES + ["new"]]
+            [ReadHistory(c, "", s, 2, b) for c in CONVS + ["g 3", "nope"] for s in (0, 3) for b in (False, True)]
+            + [LoadSession(u, d) for u in users for d in DEVICES + ["new"]]
             + [ReadInbox(u, after, 3) for u in users for after in (0, 2)]
             + [ReadHistory(c, u, s, 2, b) for c in CONVS + ["g 3", "nope"] for u in users for s in (0, 3) for b in (False, True)]
             + [ReadRetention(c) for c in CONVS + ["g 3"]]
@@ -1507,6 +1508,17 @@ def test_membership_intervals_unread_history_and_readers(store: Store, mk: Maker
     assert own == readers
     assert unknown == ReadersPage(ErrorCode.UNKNOWN_CONVERSATION, ())
     assert malformed == ReadersPage(ErrorCode.BAD_REQUEST, ())
+    # ...and its history read: every seq, whoever was a member at it (the
+    # entries another writer added, which the core reads to tell the users
+    # who left: tests/test_membership.py).
+    (own_page, from_5, unknown_page, malformed_page) = store.read(
+        [ReadHistory(GROUP, "", 0, 20), ReadHistory(GROUP, "", 5, 3), ReadHistory("no-such-group", "", 0, 10),
+         ReadHistory("", "", 0, 10)]
+    )
+    assert [m.seq for m in own_page.messages] == list(range(1, 11))
+    assert [m.seq for m in from_5.messages] == [6, 7, 8]
+    assert unknown_page == HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
+    assert malformed_page == HistoryPage(ErrorCode.BAD_REQUEST, ())
     (session,) = store.read([LoadSession("bob", "phone")])
     [state] = [s for s in session.conversations if s.conv == GROUP]
     assert (state.read_seq, state.last_seq, state.unread) == (10, 10, 0)

@@ -901,7 +901,11 @@ class ReadHistory:
     entries of messages they may not see (:func:`hidden_amend`).  Access: a malformed id
     -> code BAD_REQUEST; an unknown group -> UNKNOWN_CONVERSATION; ``user``
     never a member -> NOT_MEMBER (a former member keeps what they were
-    shown; a 1:1 chat's members are its two users, from seq 1).
+    shown; a 1:1 chat's members are its two users, from seq 1).  ``user``
+    empty: the broker's own read, not checked -- every seq after the
+    history floor (the core reads the entries another writer added to a
+    group, e.g. ``pimcore group remove``, to tell the users who left;
+    the embedding API and HTTP refuse an empty user).
     Result: HistoryPage."""
 
     conv: str

@@ -4032,17 +4032,20 @@ class LmdbStore(Store):
             return self._read_readers_in(txn, op)
 
     def _read_history_in(self, txn: _Txn, op: ReadHistory) -> HistoryPage:
-        if not (valid_conversation(op.conv) and valid_id(op.user)):
+        if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
             return HistoryPage(ErrorCode.BAD_REQUEST, ())
         ck = _t(op.conv)
         is_group = not is_direct(op.conv)
         flags = self._group_flags(txn, ck) if is_group else 0
         if flags is None:
             return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-        spans = self._spans_in(txn, ck, op.user)
-        if not spans:
-            return HistoryPage(ErrorCode.NOT_MEMBER, ())
-        visible = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        if op.user:
+            spans = self._spans_in(txn, ck, op.user)
+            if not spans:
+                return HistoryPage(ErrorCode.NOT_MEMBER, ())
+            visible = visible_ranges(spans, bool(flags & _HISTORY_VISIBLE))
+        else:
+            visible = [(1, OPEN)]  # the broker's own read: every seq
         ranges = after_floor(visible, self._retention_in(txn, ck)[2])
         page: list[StoredMessage] = []
         if op.limit <= 0:

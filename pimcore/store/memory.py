@@ -924,14 +924,17 @@ class MemoryStore(Store):
     def _read_history(self, op: ReadHistory) -> HistoryPage:
         with self._lock:
             self._check_open()
-            if not (valid_conversation(op.conv) and valid_id(op.user)):
+            if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
                 return HistoryPage(ErrorCode.BAD_REQUEST, ())
             if self._group_members(op.conv) is None:
                 return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-            spans = self._spans_of(op.conv, op.user)
-            if not spans:
-                return HistoryPage(ErrorCode.NOT_MEMBER, ())
-            visible = visible_ranges(spans, self._visible.get(op.conv, False))
+            if op.user:
+                spans = self._spans_of(op.conv, op.user)
+                if not spans:
+                    return HistoryPage(ErrorCode.NOT_MEMBER, ())
+                visible = visible_ranges(spans, self._visible.get(op.conv, False))
+            else:
+                visible = [(1, OPEN)]  # the broker's own read: every seq
             ranges = after_floor(visible, self._hfloor.get(op.conv, 0))
             page: list[StoredMessage] = []
             if op.limit > 0:

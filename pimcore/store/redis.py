@@ -1893,11 +1893,11 @@ class RedisStore(AsyncStore):
                              max(_int(rv_all), _int(rv_dev)))
 
     async def _read_history(self, tx: _Tx, op: ReadHistory) -> HistoryPage:
-        if not (valid_conversation(op.conv) and valid_id(op.user)):
+        if not (valid_conversation(op.conv) and (valid_id(op.user) or op.user == "")):
             return HistoryPage(ErrorCode.BAD_REQUEST, ())
         if await self._group_members(tx, op.conv) is None:
             return HistoryPage(ErrorCode.UNKNOWN_CONVERSATION, ())
-        spans = await self._spans_of(tx, op.conv, op.user)
+        spans = await self._spans_of(tx, op.conv, op.user) if op.user else ((0, OPEN),)  # ("": the broker's own read)
         if not spans:
             return HistoryPage(ErrorCode.NOT_MEMBER, ())
         ck = self._k_conv(op.conv)
