@@ -946,8 +946,7 @@ class Pimcore:
         _log.info("purge user=%s", user, extra={"event": "purge", "user": user})
         return self._purged(await self.server.host_call(self.server.broker.purge_user, user), f"user {_show(user)}")
 
-    @staticmethod
-    def _purged(result: Any, what: str) -> Purged:
+    def _purged(self, result: Any, what: str) -> Purged:
         if isinstance(result, Rejected):
             if result.code is ErrorCode.STORE_UNAVAILABLE:
                 raise _store_failed(f"purge of {what}", self.server.store_failure_cause(), "not done")

@@ -974,3 +974,20 @@ async def test_a_token_from_a_clock_ahead_is_revoked_with_its_session_and_one_to
             with pytest.raises(AuthFailed):
                 async with open_client(im.urls[0], bob, "phone"):
                     pass  # pragma: no cover
+
+
+async def test_a_purge_the_store_cannot_make_is_a_store_error_naming_it(tmp_path: Path) -> None:
+    # _purged was a staticmethod that used self: a purge refused with
+    # STORE_UNAVAILABLE raised NameError instead (mypy found it).
+    from pimcore.errors import StoreError
+    from pimcore.store import Rejected
+
+    async with open_pimcore(data_dir=tmp_path / "d", durability="os") as im:
+        async def unavailable(*args: object, **kw: object) -> Rejected:
+            return Rejected(ErrorCode.STORE_UNAVAILABLE)
+
+        im.server.host_call = unavailable  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="purge of user 'bob'"):
+            await im.purge_user("bob")
+        with pytest.raises(StoreError, match="purge of 'team'"):
+            await im.purge_conversation("team")
