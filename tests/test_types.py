@@ -1,6 +1,6 @@
 """The package type-checks: ``py.typed`` hands its hints to every user's
-type checker, so they must hold.  mypy over ``pimcore/`` (the settings in
-pyproject.toml); skipped without mypy (``pip install -e '.[test]'`` has it).
+type checker, so they must hold.  mypy over ``pimcore/`` (its default
+settings); skipped without mypy (``pip install -e '.[test]'`` has it).
 A staticmethod that used ``self`` -- a NameError on a rare path, which no
 test reached -- was what mypy found the first time it ran here."""
 
