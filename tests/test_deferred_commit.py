@@ -66,3 +66,36 @@ async def test_a_read_from_another_thread_makes_the_broker_commit_before_the_dea
             assert store.commit_delay() is not None
             page = await trio.to_thread.run_sync(lambda: store.history(CONV, 0, 10), abandon_on_cancel=True)
             assert [m.payload for m in page] == [b"x"]
+
+
+async def test_the_committer_survives_its_deadline_passing_between_two_reads_of_the_clock(monkeypatch) -> None:
+    # A new operator's trial (HIGH): _deferred read the clock for its loop
+    # test, then again for its sleep; when the loop's thread lost the GIL in
+    # between (to the log's flush worker, a checkpoint) past the deadline,
+    # trio.sleep got a negative time and the ValueError ended `pimcore serve`.
+    # Here every third read of the clock comes 20 ms late.
+    from types import SimpleNamespace
+
+    from pimcore.net import server as server_module
+
+    real = trio.current_time
+    reads = [0]
+
+    def late_clock() -> float:
+        reads[0] += 1
+        return real() + (0.02 if reads[0] % 3 == 0 else 0.0)
+
+    class Due(Exception):
+        pass
+
+    class Store:
+        def commit_delay(self) -> float:
+            return 0.005  # an open transaction due in 5 ms
+
+        def commit_open(self) -> None:
+            raise Due
+
+    monkeypatch.setattr(server_module.trio, "current_time", late_clock)
+    with trio.fail_after(5):
+        with pytest.raises(Due):  # it reached the commit, not a ValueError
+            await server_module.BrokerServer._deferred(SimpleNamespace(store=Store(), _defer_wake=trio.Event()))  # type: ignore[arg-type]

@@ -2900,8 +2900,15 @@ class BrokerServer:
             # Due at ``deadline`` -- or at once when another thread starts to
             # wait for it (commit_delay() is then 0): looked at every 10 ms.
             deadline = trio.current_time() + delay
-            while delay and trio.current_time() < deadline:
-                await trio.sleep(min(0.01, deadline - trio.current_time()))
+            while delay:
+                # (One read of the clock per look: read twice, the deadline
+                # could pass in between -- this thread losing the GIL to the
+                # flush worker or a checkpoint -- and trio.sleep got a
+                # negative time, which ended the broker: a trial.)
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    break
+                await trio.sleep(min(0.01, left))
                 delay = store.commit_delay()  # type: ignore[union-attr]
                 if delay is None:
                     break
