@@ -42,6 +42,7 @@ Example (every key optional)::
     presence_max_users = 256           # users one presence subscription may name
     history_max_age = 0.0              # seconds: older entries leave every conversation without its own setting (0: keep)
     history_max_count = 0              # entries kept per such conversation, the newest (0: no limit)
+    dedupe_window = 60.0               # seconds: retention removes nothing younger, so a retry is still deduplicated (0: no bound)
     reclaim_interval = 60.0            # seconds between reclaim passes (inbox entries, devices, history retention)
 
     [messages]                         # recall, edit, delete-for-self (AmendReq); seconds, 0 = no limit
@@ -169,6 +170,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "typing_ttl": "float", "typing_rate": "float", "typing_burst": "int", "typing_max_members": "int",
         "presence_max_users": "int",
         "history_max_age": "float", "history_max_count": "int", "reclaim_interval": "float",
+        "dedupe_window": "float",
     },
     "http": {
         "listen": "str", "max_header_bytes": "int", "max_body_bytes": "int", "request_timeout": "float",
@@ -718,7 +720,7 @@ class ServeSettings:
         self._check_page_bytes(limits)
         broker = replace(base, limits=limits, content_filter=hook)
         srv = dict(self.server)
-        for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval"):
+        for key in ("idle_timeout", "login_timeout", "ack_delay", "history_max_age", "reclaim_interval", "dedupe_window"):
             if key in srv:
                 seconds = float(srv.pop(key))
                 if seconds < 0:  # (BrokerConfig would say it in its own names, in µs)
@@ -972,11 +974,13 @@ class ServeSettings:
             **{k: getattr(b, k) for k in _EPHEMERAL_KEYS if k != "typing_ttl"},
             "history_max_age": b.history_max_age / SECOND, "history_max_count": b.history_max_count,
             "reclaim_interval": b.reclaim_interval / SECOND, "max_outbound_total": b.max_outbound_total,
+            "dedupe_window": b.dedupe_window / SECOND,
             **{
                 k: getattr(base, k)
                 for k in _SERVER_KEYS
                 if k not in ("idle_timeout", "login_timeout", "ack_delay", "control_rate", "control_burst", "events",
-                             "history_max_age", "history_max_count", "reclaim_interval", "max_outbound_total")
+                             "history_max_age", "history_max_count", "reclaim_interval", "max_outbound_total",
+                             "dedupe_window")
                 and k not in _EPHEMERAL_KEYS
             },
         }

@@ -363,6 +363,11 @@ class BrokerConfig:
     # reclaim_interval (store/base.py, Expire).  0 = no limit.
     history_max_age: int = 0
     history_max_count: int = 0
+    # Retention removes no entry younger than this (µs; Expire.keep): a
+    # client's retry of a send within it still finds the dedupe record, and
+    # gets the original SendAck, however fast a count limit turns over (the
+    # SDKs retry for send_timeout, 60 s by default).  0 = no such bound.
+    dedupe_window: int = 60 * SECOND
     # Set: every SendReq that passes the cheap checks becomes a CheckContent
     # request, answered by the driver with this function (or any other way:
     # the core only needs the answer, see Broker.content_checked).
@@ -458,6 +463,8 @@ class BrokerConfig:
                 and self.typing_max_members >= 2 and self.presence_max_users >= 1):
             raise ValueError("BrokerConfig: typing_ttl must be >= 1000 µs, typing_rate > 0, typing_burst >= 1, "
                              "typing_max_members >= 2 and presence_max_users >= 1")
+        if self.dedupe_window < 0:
+            raise ValueError("BrokerConfig.dedupe_window (µs) must be >= 0 (0 = no bound)")
         if self.history_max_age < 0 or self.history_max_count < 0:
             raise ValueError("BrokerConfig.history_max_age (µs) and history_max_count must be >= 0 (0 = no limit)")
 
@@ -1846,7 +1853,7 @@ class Broker:
                     # The walk stopped at EXPIRED_IDS trimmed conversations
                     # (each named above, so each one's online devices are
                     # told): the same pass goes on after the last one.
-                    self._propose(Expire(op.now, op.max_age, op.max_count, res.resume), None)  # type: ignore[union-attr]
+                    self._propose(Expire(op.now, op.max_age, op.max_count, res.resume, op.keep), None)  # type: ignore[union-attr]
             # Acked / Touched need no reaction: the in-memory session already
             # moved; the store only makes it survive a restart.
         if acks:
@@ -2148,7 +2155,8 @@ class Broker:
             self._next_reclaim = now + self.config.reclaim_interval
             self._propose(Reclaim(now, self.config.device_retention, self.config.inbox_max_age), None)
             # History retention: the store skips the walk when nothing is set.
-            self._propose(Expire(now, self.config.history_max_age, self.config.history_max_count), None)
+            self._propose(Expire(now, self.config.history_max_age, self.config.history_max_count,
+                                 keep=self.config.dedupe_window), None)
         self._maybe_commit(out, now)
         return out
 

@@ -1215,7 +1215,7 @@ async def test_a_polling_consumer_keeps_the_events_it_has_not_acked_from_reclaim
     cursor, so once another consumer acked, the reclaim dropped events this
     one had read but not acked yet, and its next poll skipped them."""
     with trio.fail_after(30):
-        async with api(tmp_path, events=True, reclaim_interval=0.02) as (im, h, c):
+        async with api(tmp_path, events=True, reclaim_interval=0.02, dedupe_window=0) as (im, h, c):
             await im.create_group("team", ["alice"])
             await im.set_retention("team", max_count=1)  # its floor shows a reclaim pass ran
             for i in range(2):

@@ -74,6 +74,25 @@ def test_count_retention_removes_a_prefix_with_its_inbox_entries_and_dedupe(stor
     assert mk.commit(store, Expire(mk.time)) == (Expired(0, 0, 0),)
 
 
+def test_retention_keeps_what_is_younger_than_keep_so_a_retry_is_still_a_duplicate(store: Store, mk: Maker) -> None:
+    # A new operator's trial (MEDIUM): under history_max_count = 150 a busy
+    # group's message was trimmed two seconds after it was stored, its
+    # SendAck lost to a crash; the SDK's retry was then stored again (a
+    # second copy, pushed to every member).  Expire's ``keep`` (the broker's
+    # dedupe_window) spares every entry younger than that.
+    ops = send(store, mk, 10)  # server times 1 µs apart
+    mk.commit(store, SetRetention(AB, -1, 3))
+    young = ops[5].server_time  # entries 6..10 are younger than keep
+    [res] = mk.commit(store, Expire(mk.time, keep=mk.time - young))
+    assert res == Expired(1, 5, 10, (AB,))  # 1..5 only, not 1..7
+    assert seqs(store.history(AB, 0, 100)) == [6, 7, 8, 9, 10]
+    [dup] = mk.commit(store, ops[5])  # the retry of seq 6: still a Duplicate
+    assert dup == Duplicate(ops[5].msg_id, 6, ops[5].server_time)
+    # Once older than keep, count retention goes on where it stopped.
+    [res] = mk.commit(store, Expire(mk.time + 10**9, keep=10**6))
+    assert res == Expired(1, 2, 4, (AB,)) and seqs(store.history(AB, 0, 100)) == [8, 9, 10]
+
+
 def test_age_retention_from_the_broker_default_and_per_conversation_overrides(store: Store, mk: Maker) -> None:
     store.create_group("team", ["alice", "bob"], 1)
     old = send(store, mk, 3) + send(store, mk, 3, "team")

@@ -27,7 +27,10 @@ from _proc import run_pimcore
 
 AB = direct_conversation("alice", "bob")
 #: A reclaim pass (retention included) every 20 ms.
-FAST_RECLAIM = {"reclaim_interval": 0.02}
+# (dedupe_window 0: retention may remove what was just stored -- these tests
+# trim seconds-old history; test_a_count_limit_spares_what_a_retry_may_still_need
+# runs with the default.)
+FAST_RECLAIM = {"reclaim_interval": 0.02, "dedupe_window": 0}
 
 
 async def wait_floor(im: Pimcore, conv: str, floor: int) -> None:
@@ -101,6 +104,23 @@ async def test_the_broker_default_retention_by_age(tmp_path: Path) -> None:
             assert [m.payload for m in await im.history(AB, "bob")] in ([b"new"], [])
             assert len(await im.history("team", "bob")) == 3
             assert (await im.retention("team")).floor == 0
+
+
+async def test_a_count_limit_spares_what_a_retry_may_still_need(tmp_path: Path) -> None:
+    # A new operator's trial (MEDIUM): under history_max_count = 150 a busy
+    # group's message was trimmed two seconds after it was stored, and the
+    # retry of its lost SendAck was stored again -- a second copy.  With the
+    # default dedupe_window (60 s) a reclaim pass trims nothing younger.
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path, listen=[], history_max_count=2, reclaim_interval=0.02) as im:
+            first = await im.post(AB, b"m0", sender="alice", device="web", idempotency_key="k0")
+            for i in range(1, 5):
+                await im.post(AB, b"m%d" % i, sender="alice", device="web")
+            await trio.sleep(0.3)  # (several reclaim passes)
+            assert sorted(m.payload for m in await im.history(AB, "bob")) == [b"m%d" % i for i in range(5)]
+            again = await im.post(AB, b"m0", sender="alice", device="web", idempotency_key="k0")
+            assert (again.seq, again.msg_id) == (first.seq, first.msg_id)  # the retry: not a second copy
+            assert len(await im.history(AB, "bob")) == 5
 
 
 async def test_a_restarted_broker_applies_the_default_retention_with_no_connection_or_post(tmp_path: Path) -> None:

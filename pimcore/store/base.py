@@ -782,7 +782,13 @@ class Expire:
     (seqs <= floor are gone) moves up to cover every entry beyond the
     newest ``max_count`` and every entry whose server time is
     ``< now - max_age`` (walked from the floor up, stopping at the first
-    younger one).  For each removed entry the store deletes the message, its
+    younger one) -- but never to an entry whose server time is ``>= now -
+    keep`` (µs; 0: no such bound), walked back from there: the broker's
+    ``dedupe_window``, so that a client's retry of a send still finds its
+    dedupe record however fast a count limit turns over (a new operator's
+    trial: under a count of 150 a busy group's message went two seconds
+    after it was stored, and the retry of its lost SendAck was stored
+    again).  For each removed entry the store deletes the message, its
     inbox entries (the positions stay used: an inbox read skips them, like a
     Push skips positions a device does not need) and its dedupe record --
     with the message, never before, so a retry of a message still in the log
@@ -803,6 +809,7 @@ class Expire:
     max_age: int = 0
     max_count: int = 0
     after: str = ""
+    keep: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4364,6 +4364,14 @@ class LmdbStore(Store):
                     if raw is not None and _RECORD.unpack_from(raw)[3] >= cutoff:
                         break
                     upto += 1
+            if op.keep:  # (Expire: nothing younger than keep goes)
+                young = op.now - op.keep
+                while upto > floor:
+                    ref = txn.get(ck + _U64.pack(upto), db=self._convidx)
+                    raw = txn.get(ref[:16], db=self._msgs) if ref is not None else None
+                    if raw is None or _RECORD.unpack_from(raw)[3] < young:
+                        break
+                    upto -= 1
             if upto > floor:
                 n, e = self._trim(txn, ck, upto)
                 convs, msgs, entries = convs + 1, msgs + n, entries + e

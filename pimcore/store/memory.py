@@ -723,6 +723,10 @@ class MemoryStore(Store):
                 cutoff = op.now - age
                 while upto < last and self._msgs[self._conv_seq[(conv, upto + 1)]].server_time < cutoff:
                     upto += 1
+            if op.keep:  # (Expire: nothing younger than keep goes)
+                young = op.now - op.keep
+                while upto > floor and self._msgs[self._conv_seq[(conv, upto)]].server_time >= young:
+                    upto -= 1
             if upto > floor:
                 n, e = self._trim(conv, upto)
                 convs, msgs, entries = convs + 1, msgs + n, entries + e

@@ -1572,6 +1572,10 @@ class RedisStore(AsyncStore):
                 cutoff = op.now - age
                 while upto < last and (await self._msg_at(tx, conv, upto + 1)).server_time < cutoff:
                     upto += 1
+            if op.keep:  # (Expire: nothing younger than keep goes)
+                young = op.now - op.keep
+                while upto > floor and (await self._msg_at(tx, conv, upto)).server_time >= young:
+                    upto -= 1
             if upto > floor:
                 n, e = await self._trim(tx, conv, upto)
                 n_convs, msgs, entries = n_convs + 1, msgs + n, entries + e
