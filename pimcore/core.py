@@ -469,19 +469,31 @@ class BrokerConfig:
             raise ValueError("BrokerConfig.history_max_age (µs) and history_max_count must be >= 0 (0 = no limit)")
 
 
+#: The most a refusal's reason carries, in bytes of UTF-8 (verdict_reason).
+MAX_REASON_BYTES = 1024
+
+
 def verdict_reason(reason: object) -> str:
     """A content filter's (or moderator's) reason as the text the refusal
     carries: ``str(reason)``, each lone surrogate (the only characters of a
-    str UTF-8 cannot encode) replaced with U+FFFD.  Why: the Error frame's
-    reason must encode, and one that did not left a client's send
-    unanswered (EncodeError in content_checked) while a host post with the
-    same filter was refused (a new user's trial); both use this now, so
-    they say the same words."""
+    str UTF-8 cannot encode) replaced with U+FFFD, cut to
+    :data:`MAX_REASON_BYTES` of UTF-8 (ending in "…" when cut).  Why: the
+    Error frame's reason must encode, and one that did not left a client's
+    send unanswered (EncodeError in content_checked) while a host post with
+    the same filter was refused (a new user's trial); and a 1.1 MB reason
+    made a refusal above the client's max_frame, which it dropped the
+    connection for, logged in again and sent again, asking the moderation
+    service each time, forever (a new operator's trial).  A host post and a
+    client's send use this, so they say the same words."""
     text = str(reason)
     try:
-        text.encode("utf-8")
+        raw = text.encode("utf-8")
     except UnicodeEncodeError:
         text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+        raw = text.encode("utf-8")
+    if len(raw) > MAX_REASON_BYTES:
+        # (At a character's boundary: the partial one dropped by "ignore".)
+        text = raw[: MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "…"
     return text
 
 

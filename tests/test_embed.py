@@ -739,6 +739,38 @@ async def test_a_filter_reason_that_is_not_utf8_still_refuses_a_clients_send_as_
             assert im.statistics().internal_errors == 0
 
 
+async def test_a_huge_filter_reason_is_cut_and_the_send_refused_once(tmp_path: Path) -> None:
+    """A new operator's trial (HIGH): a moderation service that refused with
+    a 1.1 MB reason got it passed through whole; the refusal was above the
+    client's max_frame, so the SDK dropped the connection, logged in again,
+    sent again -- and asked the service again, 9 times a second, forever.
+    A verdict's reason is cut to MAX_REASON_BYTES (the same for a content
+    filter, a moderation service and a host post)."""
+    from pimcore.client_session import SendError
+    from pimcore.core import MAX_REASON_BYTES
+
+    asked = [0]
+
+    def chatty(user: str, conv: str, payload: bytes):
+        asked[0] += 1
+        return "é" * 700_000 if payload == b"no" else None  # 1.4 MB of UTF-8
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "data", listen=["tcp://127.0.0.1:0"], content_filter=chatty) as im:
+            await im.create_group("team", ["alice"])
+            async with open_client(im.urls[0], im.issue_token("alice"), "phone") as alice:
+                with pytest.raises(SendError) as refused:
+                    with trio.fail_after(10):
+                        await alice.send("team", b"no")
+                assert alice.statistics().connects == 1  # no reconnect
+            with pytest.raises(RequestRefused) as host:
+                await im.post("team", b"no", sender="alice", device="host")
+    assert refused.value.code is ErrorCode.REJECTED and asked[0] == 2
+    reason = refused.value.reason
+    assert len(reason.encode()) <= MAX_REASON_BYTES and reason.startswith("éé") and reason.endswith("…")
+    assert str(host.value).endswith("refused: " + reason)
+
+
 def test_the_asyncio_handles_plain_methods_from_another_thread_raise_before_doing_anything(tmp_path: Path) -> None:
     """A new user's trial: kick() from a thread other than the loop's
     half-applied -- the host events said kicked/offline and online_devices
