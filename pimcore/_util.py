@@ -92,3 +92,23 @@ def first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def shown_url(url: str) -> str:
+    """``url`` as logs and ``--print-config`` show it: a password in its
+    userinfo and its query string replaced by ``<redacted>`` (a webhook
+    URL's ``https://user:pw@host/hook?token=...`` was logged in clear: a new
+    operator's trial); unchanged when it holds neither."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<an invalid URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:<redacted>@" + netloc.rpartition("@")[2]
+    query = "<redacted>" if parts.query else ""
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))

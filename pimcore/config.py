@@ -119,6 +119,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ._util import shown_url
 from .core import SECOND, BrokerConfig, ContentFilter, Limits
 from .ids import quote_arg
 from .net.server import DEFAULT_BROKER_CONFIG, ServerConfig, server_ssl_context
@@ -1033,6 +1034,7 @@ class ServeSettings:
             if not wh["events"]:  # (every type: left out, as ``events = []`` is refused)
                 del wh["events"]
             wh["secret"] = "<redacted>" if "secret" in self.webhooks else f"<{self.data_dir.absolute() / 'webhook-secret'}>"
+            wh["url"] = shown_url(wh["url"])  # (a password or a query token: a comment, as a secret's)
             out["webhooks"] = {k: wh[k] for k in sorted(wh)}
         out["messages"] = {
             k: self.messages.get(k, getattr(b, k) / SECOND) for k in ("delete_window", "edit_window", "recall_window")
@@ -1040,6 +1042,7 @@ class ServeSettings:
         if self.moderation.get("url"):
             mod: dict[str, Any] = {"timeout_ms": 2000, **self.moderation}
             mod["secret"] = "<redacted>" if "secret" in self.moderation else "<the webhook secret>"
+            mod["url"] = shown_url(mod["url"])
             out["moderation"] = {k: mod[k] for k in sorted(mod)}
         return out
 
@@ -1059,6 +1062,8 @@ def _toml_line(section: Optional[str], key: str, value: Any) -> str:
     as a comment saying how to give it: read back, ``"<redacted>"`` was
     taken as the secret itself (``api_keys`` refused as too short)."""
     line = f"{key} = {_toml_value(value)}"
+    if key == "url" and isinstance(value, str) and "<redacted>" in value:  # (shown_url)
+        return f"# {line}  (holds a secret, not printed: give it in the file or as ${env_name(section, key)})"
     if (section, key) not in _SECRET_KEYS:
         return line
     if value == "<redacted>" or (isinstance(value, list) and value and set(value) == {"<redacted>"}):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import trio
 
+from ._util import shown_url
 from .errors import ErrorCode, PimError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -278,8 +279,8 @@ class WebhookSender:
                     if not started:
                         cursor = await self.handle.ack_events(0, self.consumer)
                         started = True
-                        log.info("webhook: delivering events after id %d to %s", cursor, cfg.url,
-                                 extra={"event": "webhook_started", "url": cfg.url, "cursor": cursor})
+                        log.info("webhook: delivering events after id %d to %s", cursor, shown_url(cfg.url),
+                                 extra={"event": "webhook_started", "url": shown_url(cfg.url), "cursor": cursor})
                         task_status.started()
                     _, page = await self.handle.next_events(self.consumer, limit=cfg.batch_size)
                     from .embed import fresh_page
@@ -344,9 +345,9 @@ class WebhookSender:
                 self.events_delivered += count
                 self.last_success = now
                 if failures:
-                    log.info("webhook: delivered again to %s after %d failed attempts (%.0f s)", cfg.url, failures,
+                    log.info("webhook: delivered again to %s after %d failed attempts (%.0f s)", shown_url(cfg.url), failures,
                              now - (self.failing_since or now),
-                             extra={"event": "webhook_recovered", "failures": failures, "url": cfg.url})
+                             extra={"event": "webhook_recovered", "failures": failures, "url": shown_url(cfg.url)})
                 self.failing_since = None
                 return 0
             failures += 1
@@ -357,9 +358,9 @@ class WebhookSender:
             delay = backoff_delay(failures, cfg.retry_base, cfg.retry_cap, self._rng)
             if self._throttle.ready() or failures == 1:  # (ready() first: it starts the 10 s)
                 more = self._throttle.take_suppressed()
-                log.warning("webhook: POST %s (events %s) failed: %s; attempt %d, again in %.2f s%s", cfg.url,
+                log.warning("webhook: POST %s (events %s) failed: %s; attempt %d, again in %.2f s%s", shown_url(cfg.url),
                             delivery, error, failures, delay, f" ({more} more failures not logged)" if more else "",
-                            extra={"event": "webhook_failed", "url": cfg.url, "error": error, "attempt": failures,
+                            extra={"event": "webhook_failed", "url": shown_url(cfg.url), "error": error, "attempt": failures,
                                    "delay": delay, "delivery": delivery})
             await trio.sleep(delay)
 
@@ -459,10 +460,10 @@ class Moderator:
         self.unavailable += 1
         if self._throttle.ready():
             more = self._throttle.take_suppressed()
-            log.warning("moderation: POST %s failed: %s; %s (policy %s)%s", cfg.url, problem,
+            log.warning("moderation: POST %s failed: %s; %s (policy %s)%s", shown_url(cfg.url), problem,
                         "message let through" if cfg.policy == "open" else "message refused with INTERNAL, the client retries",
                         cfg.policy, f" ({more} more not logged)" if more else "",
-                        extra={"event": "moderation_failed", "url": cfg.url, "error": problem, "policy": cfg.policy})
+                        extra={"event": "moderation_failed", "url": shown_url(cfg.url), "error": problem, "policy": cfg.policy})
         if cfg.policy == "open":
             return ALLOW
         return Verdict(f"the moderation service did not answer ({problem}); send again later", ErrorCode.INTERNAL)

@@ -250,6 +250,46 @@ def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, c
     assert doc["moderation"] == {"url": "https://backend/mod", "policy": "closed", "timeout_ms": 2000}
     assert doc["server"]["events"] is True
     assert not (tmp_path / "d").exists()
+    # A URL holding credentials (a password, a query token) is a secret too:
+    # it was printed as it was (a new operator's trial).
+    cfg.write_text('[webhooks]\nurl = "http://hookuser:hunter2@backend/hook?token=s3cr3t"\n'
+                   '[moderation]\nurl = "https://m:pw2@backend/mod"\npolicy = "open"\n')
+    assert main(["serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "s3cr3t" not in out and "pw2" not in out, out
+    assert ('# url = "http://hookuser:<redacted>@backend/hook?<redacted>"  (holds a secret, not printed: give it in'
+            " the file or as $PIMCORE_WEBHOOKS_URL)") in out, out
+    assert "url" not in tomllib.loads(out)["webhooks"]
+
+
+async def test_a_webhook_url_with_credentials_is_logged_without_them(tmp_path: Path, caplog) -> None:
+    # A new operator's trial (MEDIUM): the webhook_started and webhook_failed
+    # lines carried the URL's password and query token in clear.
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pimcore.webhooks")
+    rx = await Receiver().bind()
+    fails = [0]
+
+    async def once(headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        if not fails[0]:
+            fails[0] += 1
+            return 500, b""
+        return await rx.accept(headers, body)
+
+    rx.answer = once
+    url = rx.url.replace("http://", "http://hookuser:hunter2@") + "?token=s3cr3t"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rx.serve)
+            async with open_pimcore(data_dir=tmp_path, durability="os", webhooks={"url": url, "secret": SECRET, **QUICK}) as im:
+                await _post_many(im, 1)
+                await _until(lambda: im.webhooks.events_delivered >= 1)
+            nursery.cancel_scope.cancel()
+    said = [(r.getMessage(), str(getattr(r, "url", ""))) for r in caplog.records]
+    assert any(kind == "webhook_failed" for kind in (getattr(r, "event", "") for r in caplog.records))
+    assert not [s for s in said if "hunter2" in str(s) or "s3cr3t" in str(s)], said
+    assert any("hookuser:<redacted>@" in url_ for _, url_ in said), said
 
 
 # ---------------------------------------------------------------- event webhooks
