@@ -160,6 +160,26 @@ async def test_api_key_is_required_except_for_probes_and_metrics() -> None:
                 c.close()
 
 
+async def test_an_api_key_that_is_not_ascii_authenticates_as_given() -> None:
+    # A new operator's trial (MEDIUM): PIMCORE_API_KEYS='ccccccccccccccc€' was
+    # taken at start and never matched: the header was read as latin-1 and
+    # the key compared as UTF-8.  A client sends the key's UTF-8 bytes (curl
+    # does); so does this one.
+    key = "ccccccccccccccc€"
+    with trio.fail_after(20):
+        async with broker_http(api_keys=(key, "dddddddddddddddà")) as (srv, h):
+            c = Http(h.url)
+            try:
+                sent = "Bearer " + key.encode("utf-8").decode("latin-1")  # (http.client sends latin-1)
+                assert (await c.json("GET", "/v1/info", headers={"Authorization": sent}))[0] == 200
+                assert_error(*await c.json("GET", "/v1/info", headers={"Authorization": sent[:-1]}), 401, "AUTH_FAILED")
+                # ("à" ends in the byte 0xA0, a latin-1 no-break space: not stripped as whitespace.)
+                other = "Bearer " + "dddddddddddddddà".encode("utf-8").decode("latin-1")
+                assert (await c.json("GET", "/v1/info", headers={"Authorization": other}))[0] == 200
+            finally:
+                c.close()
+
+
 async def test_routes_are_added_by_registering_handlers() -> None:
     async def echo(request: Request) -> tuple[int, Any]:
         body = request.json()

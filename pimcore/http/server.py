@@ -380,9 +380,13 @@ def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
     challenge = [("www-authenticate", 'Bearer realm="pimcore"')]
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip(" \t")  # (HTTP's whitespace only: str.strip took a UTF-8 byte read as latin-1 NBSP)
+    if scheme.lower() != "bearer" or not token:
         raise HttpError(401, "AUTH_FAILED", "an API key is required: Authorization: Bearer <key>", challenge)
-    given = token.strip().encode("utf-8", "surrogateescape")
+    # (The header was read as latin-1: back to the bytes sent, which a client
+    # gives as the key's UTF-8 -- re-encoded as UTF-8, a key that is not
+    # ASCII never matched: a new operator's trial.)
+    given = token.encode("latin-1")
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(given, key)
