@@ -274,6 +274,29 @@ async def test_a_refusals_message_does_not_repeat_its_code(tmp_path: Path) -> No
             assert "'mallory' is not a member of 'g'" in doc["results"][0]["message"], doc
 
 
+async def test_an_idempotency_key_header_where_none_is_taken_is_refused(tmp_path: Path) -> None:
+    # A new operator's trial (MEDIUM): POST /v1/messages ignored the header,
+    # so a batch retried with one was stored twice (two 200s, two copies).
+    with trio.fail_after(30):
+        async with api(tmp_path) as (im, h, c):
+            await call(c, "POST", "/v1/groups", {"conv": "g", "members": ["alice"]})
+            batch = {"messages": [{"conv": "g", "payload": "x", "sender": "alice", "device": "web"}]}
+            for method, path, body in (("POST", "/v1/messages", batch), ("POST", "/v1/groups/g/members", {"users": ["bob"]}),
+                                       ("POST", "/v1/tokens", {"user": "bob"})):
+                status, doc = await call(c, method, path, body, headers={"Idempotency-Key": "batch-1"})
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert f"{method} {path.replace('/g/', '/{conv}/')} takes no Idempotency-Key header" in doc["error"]["message"], doc
+            assert "give each item its own" in (await call(c, "POST", "/v1/messages", batch,
+                                                            headers={"Idempotency-Key": "b"}))[1]["error"]["message"]
+            assert [m.payload for m in await im.history("g", "alice")] == []  # nothing stored
+            # Where it is taken, it still makes a retry safe.
+            for _ in range(2):
+                status, doc = await call(c, "POST", "/v1/conversations/g/messages", {"payload": "once", "sender": "alice"},
+                                         headers={"Idempotency-Key": "k"})
+                assert status == 201, doc
+            assert [m.payload for m in await im.history("g", "alice")] == [b"once"]
+
+
 async def test_conversations_show_unread_after_a_client_sends(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with api(tmp_path) as (im, h, c):
