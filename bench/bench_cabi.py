@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -48,7 +49,9 @@ def test_cabi_smoke(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    posts = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 100
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("posts", nargs="?", type=int, default=5000, help="posts (default 5,000)")
+    ap.add_argument("batch", nargs="?", type=int, default=100, help="posts per pim_post_batch (default 100)")
+    a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(run(Path(tmp), posts, batch), end="")
+        print(run(Path(tmp), a.posts, a.batch), end="")

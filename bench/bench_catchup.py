@@ -22,6 +22,7 @@ it): at 50,000 messages, most of the client's CPU (BENCHMARKS.md).
 from __future__ import annotations
 
 import statistics
+import argparse
 import sys
 import tempfile
 import time
@@ -78,9 +79,11 @@ def test_bench_catchup_smoke() -> None:
 
 
 if __name__ == "__main__":
-    backlog = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    got = run(backlog, rounds)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("backlog", nargs="?", type=int, default=50_000, help="messages waiting (default 50,000)")
+    ap.add_argument("rounds", nargs="?", type=int, default=3, help="rounds (default 3)")
+    a = ap.parse_args()
+    got = run(a.backlog, a.rounds)
     for rate, waited in got:
         print(f"  caught up at {rate:,.0f} messages/s; the live message waited {waited:.2f} s")
     print(f"median: {statistics.median(r for r, _ in got):,.0f} messages/s, "

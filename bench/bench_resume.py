@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import argparse
 import sys
 from typing import Any
 
@@ -130,4 +131,8 @@ def test_bench_resume_smoke() -> None:
 
 
 if __name__ == "__main__":
-    report(float(sys.argv[1]) if len(sys.argv) > 1 else 0.15, int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("latency", nargs="?", type=float, default=0.15, help="seconds added each way by the proxy (default 0.15)")
+    ap.add_argument("rounds", nargs="?", type=int, default=5, help="rounds (default 5)")
+    a = ap.parse_args()
+    report(a.latency, a.rounds)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+import argparse
 import sys
 import time
 import tracemalloc
@@ -336,4 +337,6 @@ def test_bench_wire_smoke() -> None:
 
 
 if __name__ == "__main__":
-    report(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("messages", nargs="?", type=int, default=2000, help="messages per level (default 2,000)")
+    report(ap.parse_args().messages)

@@ -1390,6 +1390,10 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The largest --group pimcore bench builds (its member list is in memory).
+MAX_BENCH_GROUP = 1_000_000
+
+
 def _bench_flags_problem(args: argparse.Namespace) -> Optional[str]:
     """What is meaningless in bench's numeric flags as given, naming the
     flag; None if nothing.  ``--group 0`` ran a 1:1 benchmark silently (0
@@ -1407,6 +1411,17 @@ def _bench_flags_problem(args: argparse.Namespace) -> Optional[str]:
         ("--window", args.window, args.window >= 1, "must be >= 1 (SendReqs in flight per connection)"),
         ("--size", args.size, args.size >= 8, "must be >= 8 bytes (the payload carries an 8-byte send timestamp)"),
         ("--count", args.count, args.count is None or args.count >= 1, "must be >= 1"),
+        # (A connection given no message ran until the clock stopped, which
+        # with --count it never does: the run never ended and its broker
+        # filled /tmp -- a new user's trial.)
+        ("--count", args.count, args.count is None or args.count >= args.conns,
+         f"must be >= --conns ({args.conns}): each connection sends at least one"),
+        # (Its member list is built in memory: --group 100000000 took 4.8 GB
+        # in 12 s and printed nothing -- a new user's trial.)
+        ("--group", args.group, args.group is None or args.group <= MAX_BENCH_GROUP,
+         f"must be at most {MAX_BENCH_GROUP:,} members"),
+        ("--procs", args.procs, args.procs <= max(1, min(64, args.conns + args.idle)),
+         f"must be at most the connections ({args.conns + args.idle}) and 64: each is a generator process"),
         ("--duration", args.duration, math.isfinite(args.duration) and args.duration > 0, "must be a number of seconds > 0"),
         ("--warmup", args.warmup, math.isfinite(args.warmup) and args.warmup >= 0, "must be a number of seconds >= 0"),
         ("--hold", args.hold, math.isfinite(args.hold) and args.hold >= 0, "must be a number of seconds >= 0"),

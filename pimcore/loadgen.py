@@ -155,6 +155,10 @@ class BenchConfig:
             raise ValueError(f"size must be <= {MAX_SIZE} bytes")
         if self.count is not None and self.count < 1:
             raise ValueError("count must be >= 1")
+        if self.count is not None and self.count < self.conns:
+            # (A connection given no message would run until the clock stops,
+            # which in count mode it never does.)
+            raise ValueError(f"count must be >= conns ({self.conns}): each connection sends at least one")
         if self.duration <= 0 or self.warmup < 0 or self.hold < 0:
             raise ValueError("duration must be > 0, warmup and hold >= 0")
         if self.mode == "group" and self.group_size < max(2, self.conns):

@@ -791,7 +791,7 @@ def test_chat_and_bench_refuse_a_url_part_they_would_ignore(capsys, cmd, url, wh
     if cmd == "chat":
         argv = ["chat", "--to", "bob", "--token", token("alice"), "--url", url]
     else:
-        argv = ["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "--warmup", "0", "--no-progress"]
+        argv = ["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "-c", "1", "--warmup", "0", "--no-progress"]
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"pimcore {cmd}: ") and why in err and "Traceback" not in err, err
@@ -1277,7 +1277,7 @@ def test_an_admin_command_that_cannot_reach_the_http_api_exits_1(tmp_path, capsy
 def test_bench_that_cannot_reach_its_broker_exits_1(capsys):
     with _refusing_port() as held:
         url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
-        rc = main(["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "--warmup", "0", "--no-progress",
+        rc = main(["bench", "--url", url, "--secret", "s" * 32, "-n", "1", "-c", "1", "--warmup", "0", "--no-progress",
                    "--generator", "python"])
     out, err = capsys.readouterr()
     assert rc == 1 and out == "", (rc, out, err)
@@ -1444,7 +1444,7 @@ def test_bench_with_a_short_secret_says_where_it_came_from(monkeypatch, capsys, 
     """It said "the token secret must be at least 32 bytes", as serve did
     before it named the source."""
     monkeypatch.delenv("PIMCORE_SECRET", raising=False)
-    argv = ["bench", "--url", "tcp://127.0.0.1:1", "-n", "1", "--no-progress"]
+    argv = ["bench", "--url", "tcp://127.0.0.1:1", "-n", "1", "-c", "1", "--no-progress"]
     if how == "option":
         argv += ["--secret", "short"]
     else:

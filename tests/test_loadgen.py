@@ -146,6 +146,12 @@ def test_cli_table_and_bad_flags() -> None:
     (["--hold", "-1"], "--hold -1: must be a number of seconds >= 0"),
     (["--procs", "0"], "--procs 0: must be >= 1"),
     (["--rounds", "0", "--compare", "redis"], "--rounds 0: must be >= 1"),
+    # A new user's trial: -n below the connections never ended (a connection
+    # given none sent until a clock that count mode never stops), --group
+    # 100000000 took 4.8 GB in 12 s, --procs 1000 -c 2 started 1,000.
+    (["-n", "49"], "--count 49: must be >= --conns (50): each connection sends at least one"),
+    (["--group", "100000000", "-c", "1"], "--group 100000000: must be at most 1,000,000 members"),
+    (["--procs", "1000", "-c", "2"], "--procs 1000: must be at most the connections (2) and 64"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_meaningless_numeric_flags_are_refused_naming_the_flag(flags: list, said: str, capsys) -> None:
     """``--group 0`` ran a 1:1 benchmark silently (0 read as no --group);
