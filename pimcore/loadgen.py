@@ -1789,6 +1789,21 @@ def _median(xs: list[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def _compare_medians(rounds: list[dict[str, Any]], peer: str) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """The medians of a comparison's rounds, per side and field, over the
+    rounds where neither side had errors (all of them if every round had):
+    ``(median, counted)``, ``counted`` the 1-based numbers of those rounds.
+    Why: a round whose broker died half-way (its throughput divided by a
+    window it did not live through) went into the medians and the ratio
+    unmarked (a new user's trial: 0.13x)."""
+    clean = [i for i, r in enumerate(rounds, 1) if not any(r[n]["errors"] for n in ("pimcore", peer))]
+    use = clean or list(range(1, len(rounds) + 1))
+    rows = [rounds[i - 1] for i in use]
+    median = {name: {k: _median([r[name][k] for r in rows]) for k in rows[0][name] if k != "limit"}
+              for name in ("pimcore", peer)}
+    return median, use
+
+
 def _summary(res: BenchResult) -> dict[str, Any]:
     return {
         "acked_per_s": res.acked_per_s,
@@ -1856,8 +1871,7 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
             if on_round is not None:
                 on_round(i, name, res)
         out.append(row)
-    median = {name: {k: _median([r[name][k] for r in out]) for k in out[0][name] if k != "limit"}
-              for name in ("pimcore", peer)}
+    median, counted = _compare_medians(out, peer)
 
     def ratio(k: str) -> Optional[float]:
         a, b = median["pimcore"][k], median[peer][k]
@@ -1874,6 +1888,7 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
                   "durability": cfg.durability, "duration": cfg.duration, "warmup": cfg.warmup},
         "rounds": out,
         "median": median,
+        "counted": counted,
         "ratio": ratios,
         "notes": notes,
     }
@@ -1909,9 +1924,12 @@ def format_compare(rep: dict[str, Any]) -> str:
                 f"{num(s['server_cpu_util'], '.0%'):>8}{num(s.get('server_cpu_wait'), '.0%'):>9}"
                 f"{num(s['generator_cpu'], '.0%'):>8}  {s.get('limit', '')}")
 
+    counted = rep.get("counted") or list(range(1, len(rep["rounds"]) + 1))
     for i, r in enumerate(rep["rounds"], 1):
         for name in ("pimcore", peer):
-            lines.append(row(str(i), name, r[name]))
+            lines.append(row(str(i) if i in counted else f"{i}*", name, r[name]))
+    if len(counted) < len(rep["rounds"]):
+        lines.append(f"* a round with errors: not in the medians ({len(counted)} of {len(rep['rounds'])} rounds are)")
     lines.append("")
     for name in ("pimcore", peer):
         lines.append(row("median", name, rep["median"][name]))

@@ -19,6 +19,7 @@ import socket
 import statistics
 import threading
 import time
+from typing import Optional
 
 import pytest
 
@@ -211,6 +212,32 @@ def test_compare_report_alternates_and_takes_medians() -> None:
     json.dumps(rep)  # --json prints it
     table = format_compare(rep)
     assert table.count("median") == 2 and "pimcore / redis: acked sends/s" in table
+
+
+def test_a_round_with_errors_is_marked_and_left_out_of_the_medians() -> None:
+    # A new user's trial: the broker killed in round 1 gave 1,333/s there,
+    # and that round went into the medians and the ratio (0.13x), unmarked.
+    from pimcore.loadgen import _compare_medians
+
+    def side(acked: float, p50: Optional[float], errors: int) -> dict:
+        return {"acked_per_s": acked, "p50_us": p50, "p99_us": p50, "server_cpu_us_per_msg": 5.0, "server_cpu_util": 0.5,
+                "server_cpu_wait": 0.0, "generator_cpu": 0.1, "errors": errors, "limit": "x"}
+
+    rounds = [{"pimcore": side(1_333, 900, 100), "redis": side(250_000, 2_700, 0)},
+              {"pimcore": side(120_000, 5_500, 0), "redis": side(260_000, 2_600, 0)},
+              {"pimcore": side(130_000, 5_400, 0), "redis": side(0, None, 50)},
+              {"pimcore": side(128_000, 5_600, 0), "redis": side(280_000, 2_500, 0)}]
+    median, counted = _compare_medians(rounds, "redis")
+    assert counted == [2, 4]
+    assert median["pimcore"]["acked_per_s"] == 124_000 and median["redis"]["p50_us"] == 2_550
+    rep = {"peer": "redis", "shape": {"conns": 50, "window": 16, "size": 100, "durability": "log", "duration": 4},
+           "rounds": rounds, "median": median, "counted": counted, "notes": [],
+           "ratio": {"acked_per_s": 124_000 / 270_000, "p50": 5_550 / 2_550, "server_cpu_us_per_msg": 1.0}}
+    table = format_compare(rep)
+    assert [ln.split()[0] for ln in table.splitlines() if ln[:1].isdigit()] == ["1*", "1*", "2", "2", "3*", "3*", "4", "4"]
+    assert "* a round with errors: not in the medians (2 of 4 rounds are)" in table
+    # Every round with errors: all of them, still marked by the warning.
+    assert _compare_medians(rounds[:1], "redis")[1] == [1]
 
 
 def test_compare_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -889,8 +889,8 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         ("GET", "/v1/events/stream", event_stream),
         ("POST", "/v1/events/ack", ack),
     ):
-        if handler not in (post, recall, edit, delete_for):
-            handler = _no_idempotency_key(handler, f"{method} {pattern}")
+        keyed = handler in (post, recall, edit, delete_for)
+        run = handler if keyed else _no_idempotency_key(handler, f"{method} {pattern}")
         # (cursor=: the first page's cursor, what a page with no entries gives back)
-        router.add(method, pattern, _guarded(handler, store_cause), query=takes[method, pattern],
+        router.add(method, pattern, _guarded(run, store_cause), query=takes[method, pattern],
                    blank=("cursor",))
