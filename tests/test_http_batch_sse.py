@@ -408,6 +408,13 @@ async def test_metrics_list_every_family_the_issue_names_and_the_event_outbox_de
             assert m[("pimcore_event_outbox_depth", (("consumer", "audit"),))] == 3
             await im.ack_events(3, "push")
             assert (await scrape())[("pimcore_event_outbox_depth", (("consumer", "push"),))] == 0
+            # HEAD is safe: it makes no consumer (a trial's link checker made
+            # durable cursors that held the event log for 90 days); GET does.
+            for path in ("/v1/events?consumer=checker", "/v1/events/stream?consumer=checker"):
+                assert (await c.request("HEAD", path, key=KEY))[0] == 200, path
+            assert not [k for k in await scrape() if k[0] == "pimcore_event_outbox_depth" and ("consumer", "checker") in k[1]]
+            assert (await c.request("GET", "/v1/events?consumer=reader", key=KEY))[0] == 200
+            assert (await scrape())[("pimcore_event_outbox_depth", (("consumer", "reader"),))] == 3
             # Every family the issue lists.
             names = {name for name, _ in m}
             for want in ("pimcore_connections", "pimcore_logins_total", "pimcore_messages_stored_total",

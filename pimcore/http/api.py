@@ -734,7 +734,11 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
         cursor, last = await handle.event_cursor(consumer)
         if after is None:
-            await handle._hold_events(consumer)  # reading from its cursor: the reclaim keeps what it has not acked
+            # Reading from its cursor: the reclaim keeps what it has not acked.
+            # Not for HEAD, which is safe (RFC 9110): a link checker made
+            # durable consumers that held the event log for 90 days (a trial).
+            if request.method != "HEAD":
+                await handle._hold_events(consumer)
             after = cursor
         elif after > last:
             raise past_last(f"after {after}", last, "nothing read")
@@ -788,7 +792,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         cursor, last = await handle.event_cursor(consumer)  # refuses a bad consumer before the stream starts
         if after is not None and after > last:
             raise past_last(what, last, "nothing read")
-        if after is None:
+        if after is None and request.method != "HEAD":  # (HEAD is safe: no durable consumer, as in events)
             await handle._hold_events(consumer)  # reading from its cursor: the reclaim keeps what it has not acked
         start = cursor if after is None else after
 
