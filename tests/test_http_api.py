@@ -1011,11 +1011,11 @@ async def test_every_query_parameter_refusal_is_worded_the_same_way(tmp_path: Pa
             for path, name, rule, given in (
                 ("/v1/users/alice/conversation-list?limit=x", "limit", "an integer from 1 to 1000", "'x'"),
                 ("/v1/users/alice/conversation-list?limit=0", "limit", "an integer from 1 to 1000", "'0'"),
-                ("/v1/users/alice/conversation-list?include_hidden=maybe", "include_hidden", "true or false", "'maybe'"),
+                ("/v1/users/alice/conversation-list?include_hidden=maybe", "include_hidden", "true or false (1 or 0, yes or no)", "'maybe'"),
                 ("/v1/users/alice/conversation-list?cursor=zz", "cursor", "a cursor this API gave (a page's \"cursor\")", "'zz'"),
                 ("/v1/conversations/team/history?user=alice&from_seq=-1", "from_seq", f"an integer from 0 to {top}", "'-1'"),
                 ("/v1/conversations/team/history?user=alice&limit=1001", "limit", "an integer from 1 to 1000", "'1001'"),
-                ("/v1/conversations/team/history?user=alice&backward=2", "backward", "true or false", "'2'"),
+                ("/v1/conversations/team/history?user=alice&backward=2", "backward", "true or false (1 or 0, yes or no)", "'2'"),
                 ("/v1/events?limit=0", "limit", "an integer from 1 to 10000", "'0'"),
                 ("/v1/events?after=x", "after", f"an integer from 0 to {top}", "'x'"),
                 ("/v1/events?after=99999999999999999999999", "after", f"an integer from 0 to {top}", "'99999999999999999999999'"),

@@ -249,7 +249,7 @@ def _query(request: Request, name: str, kind: type, default: Any, lo: Any = 0, h
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise _refused(what, "true or false", text)
+        raise _refused(what, "true or false (1 or 0, yes or no)", text)
     # ASCII digits only: int() and float() also take "1_0", " 1", "+5",
     # "nan" and digits of other scripts ("²" is one to str.isdigit).
     if kind is int:
