@@ -491,7 +491,7 @@ async def test_a_consumer_that_reads_but_never_acks_keeps_its_events_from_reclai
     # was still reading: after a restart it started past events it never
     # handled (the C program's "keeper" consumer, under a slow CI run).
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02) as im:
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02, dedupe_window=0) as im:
             await im.create_group("team", ["alice", "bob"])
             await im.set_retention("team", max_count=1)  # its floor shows a reclaim pass ran
             for i in range(3):

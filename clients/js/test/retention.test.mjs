@@ -13,8 +13,10 @@ import { Broker, until } from './broker.mjs';
 describe('retention and purge, connected', () => {
   let broker; let key;
   before(async () => {
-    // A reclaim pass (retention included) every 50 ms: this file's process only.
+    // A reclaim pass (retention included) every 50 ms, and retention may take what was
+    // just stored (no dedupe_window): this file's process only.
     process.env.PIMCORE_SERVER_RECLAIM_INTERVAL = '0.05';
+    process.env.PIMCORE_SERVER_DEDUPE_WINDOW = '0';
     broker = await new Broker({ http: true }).start();
     key = readFileSync(join(broker.dataDir, 'api-key'), 'utf-8').trim();
   });
