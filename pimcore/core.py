@@ -473,6 +473,15 @@ class BrokerConfig:
 MAX_REASON_BYTES = 1024
 
 
+def _bounded_put(cache: dict[str, int], key: str, value: int) -> None:
+    """``cache[key] = value`` as the newest entry, the oldest dropped first
+    once it holds _MAX_SIZES (a dict keeps insertion order)."""
+    cache.pop(key, None)
+    if len(cache) >= _MAX_SIZES:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def verdict_reason(reason: object) -> str:
     """A content filter's (or moderator's) reason as the text the refusal
     carries: ``str(reason)``, each lone surrogate (the only characters of a
@@ -4975,18 +4984,10 @@ class Broker:
         self._inflight_groups = []
 
     def _note_size(self, conv: str, size: int) -> None:
-        sizes = self._sizes
-        sizes.pop(conv, None)
-        if len(sizes) >= _MAX_SIZES:
-            del sizes[next(iter(sizes))]
-        sizes[conv] = size
+        _bounded_put(self._sizes, conv, size)
 
     def _note_seq(self, conv: str, seq: int) -> None:
-        seqs = self._seqs
-        seqs.pop(conv, None)
-        if len(seqs) >= _MAX_SIZES:
-            del seqs[next(iter(seqs))]
-        seqs[conv] = seq
+        _bounded_put(self._seqs, conv, seq)
 
     def _learn_seqs(self, out: list[Command]) -> None:
         """The seqs the batch just committed, per group (_batch_seqs): a
