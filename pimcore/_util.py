@@ -95,8 +95,9 @@ def first_leaf(exc: BaseException) -> BaseException:
 
 
 def shown_url(url: str) -> str:
-    """``url`` as logs and ``--print-config`` show it: a password in its
-    userinfo and its query string replaced by ``<redacted>`` (a webhook
+    """``url`` as logs, errors and ``--print-config`` show it: a password in
+    its userinfo (or a user name alone: often a token), its query string and
+    its fragment replaced by ``<redacted>`` (a webhook
     URL's ``https://user:pw@host/hook?token=...`` was logged in clear: a new
     operator's trial); unchanged when it holds neither."""
     from urllib.parse import urlsplit, urlunsplit
@@ -108,7 +109,10 @@ def shown_url(url: str) -> str:
     netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:<redacted>@" + netloc.rpartition("@")[2]
+    elif "@" in netloc:  # (a user name alone is often the token: https://TOKEN@host/)
+        netloc = "<redacted>@" + netloc.rpartition("@")[2]
     query = "<redacted>" if parts.query else ""
-    if netloc == parts.netloc and query == parts.query:
+    fragment = "<redacted>" if parts.fragment else ""
+    if netloc == parts.netloc and query == parts.query and fragment == parts.fragment:
         return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))

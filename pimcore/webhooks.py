@@ -206,7 +206,7 @@ class ModerationConfig:
 def _check_url(name: str, url: str) -> None:
     low = url.lower()
     if not (low.startswith("http://") or low.startswith("https://")) or len(url.split("://", 1)[1]) == 0:
-        raise ValueError(f"{name}: expected an http:// or https:// URL, got {url!r}")
+        raise ValueError(f"{name}: expected an http:// or https:// URL, got {shown_url(url)!r}")
 
 
 def _client(timeout: float) -> "httpx.AsyncClient":

@@ -260,6 +260,16 @@ def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, c
     assert ('# url = "http://hookuser:<redacted>@backend/hook?<redacted>"  (holds a secret, not printed: give it in'
             " the file or as $PIMCORE_WEBHOOKS_URL)") in out, out
     assert "url" not in tomllib.loads(out)["webhooks"]
+    # The last trial: a user name alone (https://TOKEN@host/) and a fragment
+    # were left in clear, and so was the password in a refused URL's error.
+    from pimcore._util import shown_url
+
+    assert shown_url("https://ghp_tok3n@hooks.example/p#frag") == "https://<redacted>@hooks.example/p#<redacted>"
+    assert shown_url("https://hooks.example/p") == "https://hooks.example/p"
+    cfg.write_text('[webhooks]\nurl = "ftp://u:hunter2@h/x"\n')
+    assert main(["serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "expected an http:// or https:// URL, got 'ftp://u:<redacted>@h/x'" in err, err
 
 
 async def test_a_webhook_url_with_credentials_is_logged_without_them(tmp_path: Path, caplog) -> None:

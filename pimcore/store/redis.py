@@ -107,6 +107,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 import trio
 
+from .._util import shown_url
 from ..errors import ErrorCode, StoreError
 from .base import (
     removes_everyone,
@@ -268,10 +269,10 @@ def parse_url(url: str) -> list[tuple[str, int]]:
     """``redis://HOST:PORT[,HOST:PORT...]`` -> [(host, port), ...].
     ValueError for anything else."""
     if not url.startswith("redis://"):
-        raise ValueError(f"not a redis:// URL: {url!r}")
+        raise ValueError(f"not a redis:// URL: {shown_url(url)!r}")
     if "@" in url or "?" in url:
         # Read as a host name, "user:pw@host" would just fail to resolve.
-        raise ValueError(f"credentials and options in a redis:// URL are not supported: {url!r}")
+        raise ValueError(f"credentials and options in a redis:// URL are not supported: {shown_url(url)!r}")
     out = []
     for part in url[len("redis://"):].rstrip("/").split(","):
         host, sep, port = part.strip().rpartition(":")
