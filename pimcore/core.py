@@ -463,11 +463,16 @@ class BrokerConfig:
                 and self.typing_max_members >= 2 and self.presence_max_users >= 1):
             raise ValueError("BrokerConfig: typing_ttl must be >= 1000 µs, typing_rate > 0, typing_burst >= 1, "
                              "typing_max_members >= 2 and presence_max_users >= 1")
-        if self.dedupe_window < 0:
-            raise ValueError("BrokerConfig.dedupe_window (µs) must be >= 0 (0 = no bound)")
+        if not 0 <= self.dedupe_window <= MAX_DEDUPE_WINDOW:
+            # (Above a day it is a mistake -- ms given for s -- and it would
+            # keep what a retention limit exists to remove: a last trial.)
+            raise ValueError(f"BrokerConfig.dedupe_window (µs) must be 0 (no bound) .. {MAX_DEDUPE_WINDOW} (a day)")
         if self.history_max_age < 0 or self.history_max_count < 0:
             raise ValueError("BrokerConfig.history_max_age (µs) and history_max_count must be >= 0 (0 = no limit)")
 
+
+#: The longest BrokerConfig.dedupe_window, µs: a day.
+MAX_DEDUPE_WINDOW = 86_400 * 1_000_000
 
 #: The most a refusal's reason carries, in bytes of UTF-8 (verdict_reason).
 MAX_REASON_BYTES = 1024
@@ -2569,14 +2574,20 @@ class Broker:
 
     def revoked_before(self, user: str, device: Optional[str] = None) -> int:
         """The revocation in force for ``user``'s tokens (``device``'s, if
-        given: the user's and that device's, whichever is later) as far as
+        given: the user's and that device's, whichever is later; None: the
+        latest of the user's and every device's, as a token bound to no
+        device may log in on any) as far as
         this broker knows it since it started -- made here, or heard of from
         another node -- in µs; 0 with none.  Not a store read: one stored
         before a restart is not in it.  A token issued before it is refused
         at login (``issued_at < revoked_before``)."""
         revoked = self._revoked
-        bound = revoked.get((user, ""), 0)
-        return bound if device is None else max(bound, revoked.get((user, device), 0))
+        if device is not None:
+            return max(revoked.get((user, ""), 0), revoked.get((user, device), 0))
+        # A token bound to no device logs in on any: every device's counts (a
+        # last trial: one issued right after revoke(user, device) was refused
+        # on that device).
+        return max((v for (u, _), v in revoked.items() if u == user), default=0)
 
     def _live_issued(self, user: str, device: Optional[str]) -> int:
         """The latest issue time (µs) of the tokens ``user``'s live sessions
