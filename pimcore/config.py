@@ -726,6 +726,9 @@ class ServeSettings:
                 seconds = float(srv.pop(key))
                 if seconds < 0:  # (BrokerConfig would say it in its own names, in µs)
                     raise self._refused(f"server.{key}: expected seconds >= 0, got {seconds:g}", ("server", key))
+                if key == "dedupe_window" and seconds > 86_400:  # (core.MAX_DEDUPE_WINDOW)
+                    raise self._refused(f"server.dedupe_window: expected seconds from 0 to 86400 (a day), got {seconds:g}"
+                                        " -- longer would keep what a retention limit exists to remove", ("server", key))
                 if key in ("login_timeout", "reclaim_interval") and int(seconds * SECOND) <= 0:  # (no "off" for these)
                     raise self._refused(f"server.{key}: expected seconds > 0 (at least 0.000001), got {seconds:g}",
                                         ("server", key))
@@ -870,6 +873,11 @@ class ServeSettings:
             if size < MIN_API_KEY_BYTES:
                 raise self._refused(f"api_keys: HTTP API key {i} is {n_bytes(size)}; it must be at least"
                                     f" {MIN_API_KEY_BYTES}", (None, "api_keys"))
+            from .http.server import api_key_problem
+
+            problem = api_key_problem(key.strip())
+            if problem is not None:
+                raise self._refused(f"api_keys: HTTP API key {i} {problem}", (None, "api_keys"))
 
     def webhook_secret(self) -> bytes:
         """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else

@@ -383,9 +383,9 @@ def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
     token = token.strip(" \t")  # (HTTP's whitespace only: str.strip took a UTF-8 byte read as latin-1 NBSP)
     if scheme.lower() != "bearer" or not token:
         raise HttpError(401, "AUTH_FAILED", "an API key is required: Authorization: Bearer <key>", challenge)
-    # (The header was read as latin-1: back to the bytes sent, which a client
-    # gives as the key's UTF-8 -- re-encoded as UTF-8, a key that is not
-    # ASCII never matched: a new operator's trial.)
+    # (The header was read as latin-1: back to the bytes sent.  Keys are
+    # printable ASCII -- api_key_problem -- so a given token with other bytes
+    # matches none, whatever a client encoded.)
     given = token.encode("latin-1")
     ok = False
     for key in keys:
@@ -426,6 +426,22 @@ class HttpConfig:
         for name in ("request_timeout", "keepalive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
+        for i, key in enumerate(self.api_keys, 1):
+            problem = api_key_problem(key)
+            if problem is not None:
+                raise ValueError(f"api_keys: HTTP API key {i} {problem}")
+
+
+def api_key_problem(key: str) -> Optional[str]:
+    """Why ``key`` cannot be an HTTP API key, or None: it must be printable
+    ASCII, as an HTTP header carries it -- a key with "€" was taken at start
+    and then matched only a client that sends raw UTF-8 (curl), never
+    pimcore's own CLI nor most HTTP libraries (new users' trials).  Never
+    quotes the key."""
+    bad = next((c for c in key if not (" " <= c <= "~")), None)
+    if bad is None:
+        return None
+    return f"is not printable ASCII (an HTTP header carries it): it has a character U+{ord(bad):04X}"
 
 
 #: A response body up to this long is written with its head, in one write;
