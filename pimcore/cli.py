@@ -1458,6 +1458,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"pimcore bench: the token secret from {where} is {n_bytes(size)}; it must be at least"
                   f" {MIN_SECRET_BYTES}", file=sys.stderr)
             return EXIT_REFUSED
+    import signal
+
+    def _on_sigterm(signum: int, frame: object) -> None:
+        # SIGTERM (timeout, a CI's cancel) killed the bench and left its
+        # broker's data directory in /tmp, growing (a new user's trial): it
+        # unwinds as Ctrl-C does, through the runs' cleanup.
+        raise KeyboardInterrupt
+
+    before_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cfg = BenchConfig(
             url=",".join(args.url) if args.url else None,
@@ -1505,6 +1514,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except (ValueError, BenchError, OSError) as exc:
         print(f"pimcore bench: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, BenchUnreachable) else EXIT_REFUSED
+    except KeyboardInterrupt:
+        # (Ctrl-C, or SIGTERM as _on_sigterm turns it: the runs' own cleanup
+        # ran -- brokers stopped, data directories removed -- on the way out.)
+        print("pimcore bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, before_term)
     print_result(res, args.json)
     return 1 if res.errors else 0
 

@@ -1930,6 +1930,8 @@ def format_compare(rep: dict[str, Any]) -> str:
             lines.append(row(str(i) if i in counted else f"{i}*", name, r[name]))
     if len(counted) < len(rep["rounds"]):
         lines.append(f"* a round with errors: not in the medians ({len(counted)} of {len(rep['rounds'])} rounds are)")
+    elif any(r[n]["errors"] for r in rep["rounds"] for n in ("pimcore", peer)):
+        lines.append("every round had errors: the medians take them all")
     lines.append("")
     for name in ("pimcore", peer):
         lines.append(row("median", name, rep["median"][name]))

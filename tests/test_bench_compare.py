@@ -236,8 +236,11 @@ def test_a_round_with_errors_is_marked_and_left_out_of_the_medians() -> None:
     table = format_compare(rep)
     assert [ln.split()[0] for ln in table.splitlines() if ln[:1].isdigit()] == ["1*", "1*", "2", "2", "3*", "3*", "4", "4"]
     assert "* a round with errors: not in the medians (2 of 4 rounds are)" in table
-    # Every round with errors: all of them, still marked by the warning.
-    assert _compare_medians(rounds[:1], "redis")[1] == [1]
+    # Every round with errors: all of them, and the table says so.
+    median, counted = _compare_medians(rounds[:1], "redis")
+    assert counted == [1]
+    table = format_compare({**rep, "rounds": rounds[:1], "median": median, "counted": counted})
+    assert "every round had errors: the medians take them all" in table
 
 
 def test_compare_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

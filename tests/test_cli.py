@@ -1571,6 +1571,21 @@ def test_a_negative_retention_setting_is_said_by_its_name(tmp_path, toml, said):
     assert str(err.value) == f"{cfg}: {said}"
 
 
+@pytest.mark.parametrize("value, said", [
+    ("-1", "server.dedupe_window: expected seconds >= 0, got -1"),
+    # (A last trial: 3600000 -- ms for s -- kept everything for 41 days,
+    # whatever retention said.)
+    ("3600000", "server.dedupe_window: expected seconds from 0 to 86400 (a day), got 3.6e+06"),
+])
+def test_dedupe_window_is_bounded(tmp_path, monkeypatch, capsys, value, said):
+    monkeypatch.setenv("PIMCORE_SERVER_DEDUPE_WINDOW", value)
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
+    assert said in capsys.readouterr().err
+    monkeypatch.setenv("PIMCORE_SERVER_DEDUPE_WINDOW", "86400")
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--print-config"]) == 0
+    assert "dedupe_window = 86400.0" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("toml, kw, said", [
     ('listen = ["tcp://127.0.0.1:17410", ""]\n', {"listen": ["tcp://127.0.0.1:17410", ""]},
      "listen: item 2 of the list is empty: give one URL in each item, or remove it"),

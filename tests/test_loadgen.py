@@ -421,3 +421,36 @@ def test_a_path_that_is_not_utf8_is_echoed_with_its_bytes_as_the_cli_says_them(m
     said = str(err.value)
     assert said.startswith(f"cannot create the bench group in '{tmp_path}/d\\xff/store': a broker with"), said
     assert "udcff" not in said
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_bench_stopped_by_a_signal_cleans_up_and_says_so(tmp_path: Path, sig: str) -> None:
+    """A new user's trial: SIGTERM (timeout, a CI's cancel) killed the bench
+    and left its broker's data directory in /tmp, still growing; Ctrl-C
+    cleaned up but printed a KeyboardInterrupt traceback.  Both now unwind
+    through the runs' cleanup and say "interrupted", exit 130."""
+    import signal
+    import subprocess
+    import time
+
+    from _proc import PIMCORE, _env
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([*PIMCORE, "bench", "-c", "1", "-d", "60", "--durability", "os", "--no-pin", "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env({"TMPDIR": str(tmp)}))
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp.glob("pimcore-bench-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp.glob("pimcore-bench-*")), "the bench made no data directory"
+        time.sleep(2.0)  # (under way: the broker up, the generator sending)
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130 and err.rstrip().endswith("pimcore bench: interrupted"), (p.returncode, err)
+    assert "Traceback" not in err, err
+    assert not list(tmp.glob("pimcore-*")), list(tmp.iterdir())

@@ -1803,9 +1803,11 @@ export class PimcoreClient {
       // (A string is iterable: 'bob' subscribed 'b' and 'o' -- a trial.)
       if (!Array.isArray(users)) throw new TypeError(`subscribePresence: users must be an array of user ids, not ${JSON.stringify(users)}`);
       // (Sent, an invalid id came back as an unknown user, which hid the mistake: a trial.)
-      const bad = users.find((u) => !validId(u));
-      if (bad !== undefined) {
-        if (typeof bad !== 'string') throw new TypeError(`subscribePresence: a user id must be a string, not ${typeof bad} ${String(JSON.stringify(bad))}`);
+      // (findIndex, not find: an undefined id is itself the bad one -- a last trial; a hole in a sparse array too.)
+      const at = Array.from(users).findIndex((u) => !validId(u));
+      if (at >= 0) {
+        const bad = users[at];
+        if (typeof bad !== 'string') throw new TypeError(`subscribePresence: a user id must be a string, not ${bad === undefined ? 'undefined' : `${typeof bad} ${JSON.stringify(bad)}`}`);
         throw new RangeError(`subscribePresence: ${showValue(bad)} is no user id: 1-64 ASCII characters from A-Z a-z 0-9 _ . @ -`);
       }
     } catch (e) { return Promise.reject(e); }

@@ -545,6 +545,9 @@ test('a clock that returns no number fails connect() (never Node), and per-call 
   await assert.rejects(c.subscribePresence('bob'), (e) => e instanceof TypeError && /users must be an array of user ids/.test(e.message));
   await assert.rejects(c.subscribePresence(['bob', 'a b']), (e) => e instanceof RangeError && /subscribePresence: 'a b' is no user id/.test(e.message));
   await assert.rejects(c.subscribePresence(['bob', 5]), (e) => e instanceof TypeError && /a user id must be a string, not number 5/.test(e.message));
+  for (const bad of [[undefined], ['ok', undefined], [, 'bob']]) { // eslint-disable-line no-sparse-arrays
+    await assert.rejects(c.subscribePresence(bad), (e) => e instanceof TypeError && /a user id must be a string, not undefined$/.test(e.message), String(bad));
+  }
   await assert.rejects(c.send('d:u:v', 'x', { mention: ['bob'] }), (e) => e instanceof TypeError && /send: unknown option mention/.test(e.message));
   await assert.rejects(c.send('d:u:v', 'x', 'opts'), (e) => e instanceof TypeError && /send: options must be an object/.test(e.message));
   await assert.rejects(c.history('d:u:v', { limt: 5 }), (e) => e instanceof TypeError && /history: unknown option limt/.test(e.message));
