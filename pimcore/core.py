@@ -1382,6 +1382,10 @@ class Broker:
         # (user, device or "") -> µs: revocations in force (also stored, and
         # read with every login; kept here for logins that raced one).
         self._revoked: dict[tuple[str, str], int] = {}
+        # user -> the latest of those revocations, the user's or any
+        # device's: what a token bound to no device must be stamped at
+        # (revoked_before), without a scan of every revocation per token.
+        self._revoked_latest: dict[str, int] = {}
         # user -> conv (own marker) or "r:" + conv (the 1:1 peer's receipt)
         # -> highest seq sent to the user's devices here, for users online
         # here only (dropped with their last device): a marker or receipt
@@ -1853,7 +1857,7 @@ class Broker:
             elif isinstance(ctx, _AdminCtx):
                 if isinstance(res, Revoked):
                     key = (res.user, res.device)
-                    self._revoked[key] = max(self._revoked.get(key, 0), res.before)
+                    self._revoke_in_force(key, res.before)
                 elif isinstance(res, GroupChanged):
                     self._note_size(res.conv, len(res.members))
                     if res.entries:
@@ -2453,7 +2457,7 @@ class Broker:
             if (c.state is _ConnState.ACTIVE and c.user == user and (device is None or c.device == device)
                     and c.opened <= before):
                 raised = max(raised, c.issued_at + 1)
-        self._revoked[key] = max(self._revoked.get(key, 0), raised)
+        self._revoke_in_force(key, raised)
         self._close_revoked(user, device, raised, out)
         if raised > before:
             self._propose(RevokeTokens(user, device or "", raised), None)
@@ -2509,7 +2513,7 @@ class Broker:
             # (The live sessions' tokens too, whatever their iat says:
             # revoke.  The purge's own bound is now, its LEFT entries' time.)
             bound = max(now, self._live_issued(user, None) + 1)
-            self._revoked[key] = max(self._revoked.get(key, 0), bound)
+            self._revoke_in_force(key, bound)
             if bound > now:
                 self._propose(RevokeTokens(user, "", bound), None)
             for c in list(self._conns.values()):
@@ -2565,7 +2569,7 @@ class Broker:
         # In force at once, before the write is durable: a login that
         # completes meanwhile must not slip through (and the session ends
         # now, not after the next fsync).
-        self._revoked[key] = max(self._revoked.get(key, 0), before)
+        self._revoke_in_force(key, before)
         out: list[Command] = []
         self._close_revoked(user, device, before, out)
         self._propose(RevokeTokens(user, device or "", before), _AdminCtx(ref))
@@ -2587,7 +2591,16 @@ class Broker:
         # A token bound to no device logs in on any: every device's counts (a
         # last trial: one issued right after revoke(user, device) was refused
         # on that device).
-        return max((v for (u, _), v in revoked.items() if u == user), default=0)
+        return self._revoked_latest.get(user, 0)
+
+    def _revoke_in_force(self, key: tuple[str, str], before: int) -> None:
+        """Raise the revocation in force for ``key`` ((user, device or ""))
+        to ``before`` (µs) -- never lowered -- and the user's latest."""
+        bound = max(self._revoked.get(key, 0), before)
+        self._revoked[key] = bound
+        user = key[0]
+        if bound > self._revoked_latest.get(user, 0):
+            self._revoked_latest[user] = bound
 
     def _live_issued(self, user: str, device: Optional[str]) -> int:
         """The latest issue time (µs) of the tokens ``user``'s live sessions
