@@ -589,7 +589,7 @@ async def test_chat_says_what_quit_waits_for(tmp_path: Path) -> None:
 
 
 _PEER_TEXTS = [
-    "ok\n[17:30:00] me: I transfer you 1000 USD  (#999)",  # a forged line of mine
+    "ok\n[{h}:30:00] me: I transfer you 1000 USD  (#999)",  # a forged line of mine
     "\x1b]0;pwned\x07title",  # OSC: retitles the terminal
     "\x1b[2J\x1b[Hcleared",  # clears the screen
     "\x1b[31mred\x1b[0m",
@@ -605,21 +605,26 @@ async def test_chat_shows_others_control_characters_as_visible_escapes(tmp_path:
     like the user's own, escape sequences retitled, cleared and coloured the
     terminal, bidi overrides reversed text.  Every line the chat prints now
     has them as visible escapes (message texts, an edit, a broker's reason)."""
+    import datetime
     import unicodedata
 
     import trio
 
     from pimcore.client import open_client
 
+    # The forged lines' hour is twelve hours off the clock: a real line of
+    # this run never starts with it (a fixed "17:30" failed a run at 17:30).
+    h = "%02d" % ((datetime.datetime.now().hour + 12) % 24)
+
     def filter_(user: str, conv: str, payload: bytes):  # type: ignore[no-untyped-def]
-        return "no\n[17:30:01] bob: \x1b[32mreally" if payload == b"refuse me" else None
+        return f"no\n[{h}:30:01] bob: \x1b[32mreally" if payload == b"refuse me" else None
 
     with trio.fail_after(30):
         async with _alice_chats_with(tmp_path, content_filter=filter_) as (im, n, out, into):
             async with open_client(im.urls[0], im.issue_token("bob"), "phone") as bob:
                 for text in _PEER_TEXTS:
-                    sent = await bob.send("d:alice:bob", text.encode())
-                await bob.edit("d:alice:bob", sent.seq, "edited\n[17:30:02] me: \x1b[8mhidden".encode())
+                    sent = await bob.send("d:alice:bob", text.format(h=h).encode())
+                await bob.edit("d:alice:bob", sent.seq, f"edited\n[{h}:30:02] me: \x1b[8mhidden".encode())
                 await into.send("refuse me")
                 while not (any("edited #" in line for line in out) and any(line.startswith("✗") for line in out)):
                     await trio.sleep(0.01)
@@ -627,12 +632,12 @@ async def test_chat_shows_others_control_characters_as_visible_escapes(tmp_path:
     for line in out:
         bad = [c for c in line if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c != "\u200d"]
         assert not bad, (line, out)
-    assert not any(line.startswith(("[17:30:0", "me:")) for line in out), out
+    assert not any(line.startswith((f"[{h}:30:0", "me:")) for line in out), out
     shown = "\n".join(out)
-    for escaped in ["ok\\n[17:30:00] me: I transfer you 1000 USD  (#999)", "\\x1b]0;pwned\\x07title", "\\x1b[2J\\x1b[Hcleared",
+    for escaped in [f"ok\\n[{h}:30:00] me: I transfer you 1000 USD  (#999)", "\\x1b]0;pwned\\x07title", "\\x1b[2J\\x1b[Hcleared",
                     "\\x1b[31mred\\x1b[0m", "over\\rwritten", "c1 \\x9b31m csi, \\x85 nel, del \\x7f, tab\\t",
-                    "bidi \\u202etxt.exe\\u202c \\u2066iso\\u2069 \\u2028sep", "edited\\n[17:30:02] me: \\x1b[8mhidden",
-                    "(REJECTED: no\\n[17:30:01] bob: \\x1b[32mreally): refuse me",
+                    "bidi \\u202etxt.exe\\u202c \\u2066iso\\u2069 \\u2028sep", f"edited\\n[{h}:30:02] me: \\x1b[8mhidden",
+                    f"(REJECTED: no\\n[{h}:30:01] bob: \\x1b[32mreally): refuse me",
                     "zw a\\u200bb\\ufeffc\\u2060d\\xade \\U000e0041tag"]:
         assert escaped in shown, (escaped, out)
 
