@@ -1390,6 +1390,9 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Alternating rounds of ``pimcore bench --compare`` when --rounds is not given.
+DEFAULT_COMPARE_ROUNDS = 3
+
 #: The largest --group pimcore bench builds (its member list is in memory).
 MAX_BENCH_GROUP = 1_000_000
 
@@ -1426,7 +1429,12 @@ def _bench_flags_problem(args: argparse.Namespace) -> Optional[str]:
         ("--warmup", args.warmup, math.isfinite(args.warmup) and args.warmup >= 0, "must be a number of seconds >= 0"),
         ("--hold", args.hold, math.isfinite(args.hold) and args.hold >= 0, "must be a number of seconds >= 0"),
         ("--procs", args.procs, args.procs >= 1, "must be >= 1"),
-        ("--rounds", args.rounds, args.rounds >= 1, "must be >= 1"),
+        # (--rounds without --compare ran one run and said nothing of the
+        # rounds asked for -- a new user's trial: "given" is told by its
+        # default, None; --compare alone takes 3.)
+        ("--rounds", args.rounds, args.rounds is None or args.compare is not None,
+         "takes effect only with --compare (a single run has no rounds)"),
+        ("--rounds", args.rounds, args.rounds is None or args.rounds >= 1, "must be >= 1"),
     ]
     for flag, value, ok, rule in checks:
         if not ok:
@@ -1447,6 +1455,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"pimcore bench: {problem}", file=sys.stderr)
         return EXIT_REFUSED
+    if args.compare and args.rounds is None:
+        args.rounds = DEFAULT_COMPARE_ROUNDS
     secret = args.secret or os.environ.get("PIMCORE_SECRET") or None
     if secret is not None:
         from .auth import MIN_SECRET_BYTES
@@ -1768,7 +1778,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the same shape against a redis-server it starts (appendfsync always, XADD;"
                         " senders only) or a mosquitto it starts (MQTT QoS 1, no fsync; with e2e-1x64 a subscriber"
                         " that acks every message), alternating; report both, the medians and the ratios")
-    p.add_argument("--rounds", type=int, default=3, help="with --compare: alternating rounds (default 3)")
+    p.add_argument("--rounds", type=int,
+                   help=f"with --compare (refused without it): alternating rounds (default {DEFAULT_COMPARE_ROUNDS})")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="summarise an LMDB data directory, read-only (safe next to a running broker)")

@@ -146,6 +146,10 @@ def test_cli_table_and_bad_flags() -> None:
     (["--hold", "-1"], "--hold -1: must be a number of seconds >= 0"),
     (["--procs", "0"], "--procs 0: must be >= 1"),
     (["--rounds", "0", "--compare", "redis"], "--rounds 0: must be >= 1"),
+    # A new user's trial: --rounds without --compare ran one run and said
+    # nothing of the rounds asked for.
+    (["--rounds", "5"], "--rounds 5: takes effect only with --compare"),
+    (["--rounds", "3", "-n", "100"], "--rounds 3: takes effect only with --compare"),
     # A new user's trial: -n below the connections never ended (a connection
     # given none sent until a clock that count mode never stops), --group
     # 100000000 took 4.8 GB in 12 s, --procs 1000 -c 2 started 1,000.
@@ -454,3 +458,22 @@ def test_a_bench_stopped_by_a_signal_cleans_up_and_says_so(tmp_path: Path, sig: 
     assert p.returncode == 130 and err.rstrip().endswith("pimcore bench: interrupted"), (p.returncode, err)
     assert "Traceback" not in err, err
     assert not list(tmp.glob("pimcore-*")), list(tmp.iterdir())
+
+
+@pytest.mark.parametrize("flags, rounds", [([], 3), (["--rounds", "1"], 1), (["--rounds", "4"], 4)])
+def test_compare_runs_the_rounds_given_or_3(flags: list, rounds: int, monkeypatch, capsys) -> None:
+    """--rounds defaults to None so that "given" can be told from "not
+    given" (refused without --compare); --compare alone still runs 3."""
+    from pimcore import loadgen
+    from pimcore.cli import main
+
+    asked = []
+
+    def fake_compare(cfg: BenchConfig, peer: str, n: int, on_round: object) -> dict:
+        asked.append((peer, n))
+        raise BenchError("stop here")
+
+    monkeypatch.setattr(loadgen, "run_compare", fake_compare)
+    assert main(["bench", "--compare", "redis", *flags, "--no-progress"]) == 2
+    assert asked == [("redis", rounds)]
+    assert capsys.readouterr().err == "pimcore bench: stop here\n"
