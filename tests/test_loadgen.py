@@ -156,6 +156,14 @@ def test_cli_table_and_bad_flags() -> None:
     (["-n", "49"], "--count 49: must be >= --conns (50): each connection sends at least one"),
     (["--group", "100000000", "-c", "1"], "--group 100000000: must be at most 1,000,000 members"),
     (["--procs", "1000", "-c", "2"], "--procs 1000: must be at most the connections (2) and 64"),
+    # A new user's trial: --shape silently overrode -c and -w given with it
+    # (--shape 1x1 -c 8 ran one connection).
+    (["--shape", "1x1", "-c", "8"], "--shape 1x1 is 1 connection(s) x 1 in flight: it conflicts with --conns 8"),
+    (["--shape", "50x16", "-w", "4"], "--shape 50x16 is 50 connection(s) x 16 in flight: it conflicts with --window 4"),
+    (["--shape", "1x64", "-c", "1", "--window", "32"],
+     "--shape 1x64 is 1 connection(s) x 64 in flight: it conflicts with --window 32"),
+    (["--shape", "e2e-1x64", "--offline"],
+     "--shape e2e-1x64 has a recipient online acking every push: it conflicts with --offline"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_meaningless_numeric_flags_are_refused_naming_the_flag(flags: list, said: str, capsys) -> None:
     """``--group 0`` ran a 1:1 benchmark silently (0 read as no --group);
@@ -477,3 +485,29 @@ def test_compare_runs_the_rounds_given_or_3(flags: list, rounds: int, monkeypatc
     assert main(["bench", "--compare", "redis", *flags, "--no-progress"]) == 2
     assert asked == [("redis", rounds)]
     assert capsys.readouterr().err == "pimcore bench: stop here\n"
+
+
+@pytest.mark.parametrize("flags, want", [
+    (["--shape", "1x64"], (1, 64, False)),
+    (["--shape", "1x64", "-c", "1", "-w", "64"], (1, 64, False)),  # agrees with the shape: accepted
+    (["--shape", "50x16", "--conns", "50", "--offline"], (50, 16, False)),
+    (["--shape", "e2e-1x64", "-w", "64"], (1, 64, True)),
+    ([], (50, 16, True)),  # no shape: the defaults
+    (["-c", "3", "-w", "2"], (3, 2, True)),
+])
+def test_a_shape_takes_flags_that_agree_with_it(flags: list, want: tuple, monkeypatch, capsys) -> None:
+    """-c/-w default to None so that a shape can tell given from not
+    given: flags that say what the shape says are accepted; the run gets
+    the shape's connections, window and recipients."""
+    from pimcore import loadgen
+    from pimcore.cli import main
+
+    got = []
+
+    def fake_run(cfg: BenchConfig) -> object:
+        got.append((cfg.conns, cfg.window, cfg.online))
+        raise BenchError("stop here")
+
+    monkeypatch.setattr(loadgen, "run_bench", fake_run)
+    assert main(["bench", *flags, "--no-progress"]) == 2
+    assert got == [want] and capsys.readouterr().err == "pimcore bench: stop here\n"
