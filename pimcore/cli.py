@@ -1561,7 +1561,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, before_term)
     print_result(res, args.json)
-    return 1 if res.errors else 0
+    return 1 if res.errors or res.failed else 0  # (failed: the broker it started died part-way)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

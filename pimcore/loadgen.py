@@ -78,7 +78,7 @@ from .codec import Decoder, encode_frame
 from .core import Limits, message_overhead
 from .errors import CloseCode, ErrorCode
 
-__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "SHAPES",
+__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "BenchBrokerExited", "SHAPES",
            "c_generator", "RedisProcess", "run_redis", "MosquittoProcess", "run_mosquitto", "mqtt_connect",
            "run_compare", "format_compare"]
 
@@ -94,6 +94,11 @@ class BenchError(Exception):
 class BenchUnreachable(BenchError):
     """A broker (or the peer of --compare) did not take the connection: no
     mistake in the command (``pimcore bench`` exits 1 for it, not 2)."""
+
+
+class BenchBrokerExited(BenchUnreachable):
+    """The broker this run started exited part-way and the generator could
+    not finish at all (no result to report): exit 1, as unreachable."""
 
 
 #: Largest payload a run sends (bytes): the broker it starts takes frames of
@@ -259,6 +264,13 @@ class BrokerProcess:
         # From the broker's last line at a graceful exit ("served N connections:
         # M messages stored in B batches (... S s committing)"); empty if absent.
         self.final: dict[str, float] = {}
+        self.ready = False
+        # Its exit status when it exited before __exit__ stopped it, after it
+        # was ready (died part-way: killed, crashed, stopped by someone
+        # else); None if it lived to be stopped.
+        self.exited: Optional[int] = None
+        # The last lines it wrote (stdout and stderr, merged) after "ready".
+        self.last_lines: list[str] = []
 
     @property
     def pid(self) -> int:
@@ -314,10 +326,13 @@ class BrokerProcess:
             if line.startswith("listening on tcp://"):
                 self.url = line.split()[-1]
             if line.startswith("ready"):
+                self.ready = True
                 return
         raise BenchError("the broker did not start:\n" + "".join(lines))
 
     def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.ready and self.proc.poll() is not None:
+            self.exited = self.proc.returncode
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -327,11 +342,29 @@ class BrokerProcess:
                 self.proc.wait()
         if self.proc is not None and self.proc.stdout is not None:
             try:
-                self.final = _parse_served(self.proc.stdout.read())
+                said = self.proc.stdout.read()
+                self.final = _parse_served(said)
+                self.last_lines = [line for line in said.splitlines() if line.strip()][-BROKER_LAST_LINES:]
             except (OSError, ValueError):
                 pass
             self.proc.stdout.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+#: Lines of a broker's last words quoted when it died part-way through a run.
+BROKER_LAST_LINES = 5
+
+
+def _exit_words(status: int) -> str:
+    """A process's exit status as a person says it."""
+    if status < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
 
 
 def _parse_served(text: str) -> dict[str, float]:
@@ -860,10 +893,12 @@ class BenchResult:
     broker: dict[str, Any]
     seconds: float
     acked: int
-    acked_per_s: float
+    # The rates are None when the run failed (``failed``): what a dead
+    # broker acked divided by a window it did not live through is no rate.
+    acked_per_s: Optional[float]
     deliveries: int
-    deliveries_per_s: float
-    stored_entries_per_s: float
+    deliveries_per_s: Optional[float]
+    stored_entries_per_s: Optional[float]
     ack_latency_us: dict[str, float]
     delivery_latency_us: dict[str, float]
     errors: dict[str, int]
@@ -897,6 +932,11 @@ class BenchResult:
     # The generators' CPU (all processes) per message sent, µs: what it costs
     # to drive the server; 1e6 / this is the most one core of it can drive.
     generator_cpu_us_per_msg: Optional[float] = None
+    # Why the run failed, in words ("" if it did not): the broker it started
+    # exited part-way.  Then ``broker_exit`` is {"status": its exit status
+    # (negative: the signal), "last_lines": what it wrote last}.
+    failed: str = ""
+    broker_exit: Optional[dict[str, Any]] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -905,8 +945,28 @@ class BenchResult:
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run one benchmark as configured; see the module docstring."""
     if cfg.url is None:
-        with BrokerProcess(cfg) as broker:
-            res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+        broker = BrokerProcess(cfg)
+        try:
+            with broker:
+                res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+        except BenchError as exc:
+            # The generator gave up (the C one cannot reconnect, say) because
+            # the broker was gone: say that, not only the generator's words.
+            if broker.exited is None:
+                raise
+            raise BenchBrokerExited(f"{_broker_exited(broker.exited)}{_quoted(broker.last_lines)}"
+                                    f" (the generator: {exc})") from None
+        if broker.exited is not None:
+            # Died part-way (killed, crashed, stopped by someone else): the
+            # counts are what it did before; its rates are no rates and no
+            # limit is guessed (a new user's trial read 16,000/s of a run
+            # whose broker was killed at half time as a slow broker).
+            res.failed = _broker_exited(broker.exited)
+            res.broker_exit = {"status": broker.exited, "last_lines": broker.last_lines}
+            res.acked_per_s = res.deliveries_per_s = res.stored_entries_per_s = None
+            res.errors["broker exited"] = res.errors.get("broker exited", 0) + 1
+            res.limit = res.failed
+            return res
         if broker.final:
             res.broker_commit_seconds = broker.final["commit_seconds"]
             res.broker_batches = int(broker.final["batches"])
@@ -928,6 +988,15 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     res = _run_against(cfg, cfg.url, cfg.secret, None, "")
     res.limit = _diagnose(res)
     return res
+
+
+def _broker_exited(status: int) -> str:
+    return f"the broker exited part-way through the run ({_exit_words(status)})"
+
+
+def _quoted(lines: list[str]) -> str:
+    """A broker's last lines, for a one-line message: "; its last words: ... | ..."."""
+    return "; its last words: " + " | ".join(lines) if lines else "; it said nothing"
 
 
 def _check_broker(url: str, secret: str) -> None:
@@ -1974,6 +2043,8 @@ def format_result(res: BenchResult) -> str:
                                         else f"{res.broker_bytes_per_connection / 1024:.1f} KiB (RSS growth / connections)"),
             f"  errors             {sum(res.errors.values()):,}" + (f"   {res.errors}" if res.errors else ""),
         ])
+    if res.failed:
+        return _format_failed(res, what)
     lines = [
         f"pimcore bench: {what}; {c['conns']} conns x {c['window']} in flight, {c['size']} B payloads,"
         f" durability {c['durability'] if not c['url'] else '(external broker)'}",
@@ -2015,6 +2086,30 @@ def format_result(res: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _format_failed(res: BenchResult, what: str) -> str:
+    """The report of a failed run: why, what the broker said last, what was
+    counted before -- no rates, no CPU figures, no limit."""
+    c = res.config
+    lines = [
+        f"pimcore bench: {what}; {c['conns']} conns x {c['window']} in flight, {c['size']} B payloads,"
+        f" durability {c['durability'] if not c['url'] else '(external broker)'}",
+        f"broker {res.broker['url']} (pid {res.broker['pid'] or '-'}, {res.broker['backend'] or '?'} backend)",
+        "",
+        f"  FAILED: {res.failed}: no rates (the run did not last its window)",
+    ]
+    for line in (res.broker_exit or {}).get("last_lines") or []:
+        lines.append(f"  broker said: {line}")
+    lines.append(f"  acked sends        {res.acked:>12,}   before it exited")
+    if res.deliveries or c["mode"] == "group" or c["online"]:
+        lines.append(f"  deliveries         {res.deliveries:>12,}")
+    lines.append(f"  errors             {sum(res.errors.values()):>12,}" + (f"   {res.errors}" if res.errors else ""))
+    return "\n".join(lines)
+
+
+def _rate(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
 def plot_histograms(res: BenchResult, path: str) -> None:
     """Latency histograms (log x) to an image file; needs matplotlib."""
     try:
@@ -2041,8 +2136,8 @@ def plot_histograms(res: BenchResult, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency (µs)")
     ax.set_ylabel("messages")
-    ax.set_title(f"{res.peer} bench: {res.acked_per_s:,.0f} acked sends/s; limited by {res.limit.split(':')[0].split(' (')[0]}"
-                 if res.limit else f"{res.peer} bench: {res.acked_per_s:,.0f} acked sends/s", fontsize=10)
+    ax.set_title(f"{res.peer} bench: {_rate(res.acked_per_s)} acked sends/s; limited by {res.limit.split(':')[0].split(' (')[0]}"
+                 if res.limit else f"{res.peer} bench: {_rate(res.acked_per_s)} acked sends/s", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

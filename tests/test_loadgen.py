@@ -8,7 +8,10 @@ No figure is judged here -- only that the instrument counts right.
 from __future__ import annotations
 
 import json
+import os
 from array import array
+from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -511,3 +514,102 @@ def test_a_shape_takes_flags_that_agree_with_it(flags: list, want: tuple, monkey
     monkeypatch.setattr(loadgen, "run_bench", fake_run)
     assert main(["bench", *flags, "--no-progress"]) == 2
     assert got == [want] and capsys.readouterr().err == "pimcore bench: stop here\n"
+
+
+def _broker_of(pid: int) -> Optional[int]:
+    """The pid of the `pimcore serve` a bench process started, or None yet."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            if b"serve" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.parametrize("generator, sig", [("c", "SIGKILL"), ("python", "SIGKILL"), ("python", "SIGTERM")])
+def test_a_broker_that_dies_part_way_fails_the_run_and_says_so(generator: str, sig: str, tmp_path: Path) -> None:
+    """A new user's trial: the broker killed part-way through a run gave a
+    report that divided what it acked before it died by the whole window
+    -- a low throughput figure, as if the broker had been slow.  The run now
+    says the broker exited (its status and last lines), gives no rates,
+    and exits 1; --json says the same with ``failed`` and ``broker_exit``."""
+    import signal
+    import subprocess
+    import time
+
+    from _proc import PIMCORE, _env
+
+    if generator == "c":
+        from pimcore.loadgen import c_generator
+
+        if c_generator()[0] is None:
+            pytest.skip("no C load generator (cc)")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([*PIMCORE, "bench", "-c", "2", "-d", "2", "--warmup", "0.2", "--durability", "os", "--no-pin",
+                          "--no-progress", "--generator", generator, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env({"TMPDIR": str(tmp)}))
+    try:
+        deadline = time.monotonic() + 30
+        while (broker := _broker_of(p.pid)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert broker is not None, "no broker started"
+        time.sleep(1.2)  # logged in (a couple of tenths of a second) and sending: part-way through
+        os.kill(broker, getattr(signal, sig))
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, (p.returncode, out, err)
+    doc = json.loads(out)
+    assert doc["failed"].startswith("the broker exited part-way through the run"), doc["failed"]
+    status = doc["broker_exit"]["status"]
+    if sig == "SIGKILL":
+        assert status == -9 and "killed by SIGKILL" in doc["failed"], doc["broker_exit"]
+    else:  # a graceful stop: its exit line is among its last lines
+        assert any("served" in line for line in doc["broker_exit"]["last_lines"]), doc["broker_exit"]
+    assert doc["acked_per_s"] is None and doc["deliveries_per_s"] is None  # no rate over a window it did not live
+    assert doc["acked"] > 0  # what it did ack is still counted
+    assert not list(tmp.glob("pimcore-*")), list(tmp.iterdir())
+
+
+def test_the_report_of_a_run_whose_broker_died_says_so_without_rates() -> None:
+    """The table (not --json) of such a run: FAILED, the exit, the broker's
+    last lines; the acks counted before, no rate and no limit guessed."""
+    res = run_bench(BenchConfig(conns=1, count=20, **SMALL))
+    res.failed = "the broker exited part-way through the run (killed by SIGKILL)"
+    res.broker_exit = {"status": -9, "last_lines": ["Traceback (most recent call last):", "MemoryError"]}
+    res.acked_per_s = res.deliveries_per_s = res.stored_entries_per_s = None
+    table = format_result(res)
+    assert "FAILED: the broker exited part-way through the run (killed by SIGKILL)" in table, table
+    assert "broker said: MemoryError" in table and "/s" not in table, table
+
+
+def test_a_generator_that_gives_up_on_a_dead_broker_is_said_as_the_broker_exiting(monkeypatch) -> None:
+    """When the generator itself fails because the broker died (no result
+    to report at all), the error says the broker exited and how, with the
+    generator's words after: BenchBrokerExited, exit 1 from the CLI."""
+    import signal
+    import time
+
+    from pimcore import loadgen
+
+    def dying(cfg: BenchConfig, url: str, secret: str, pid: int, backend: str) -> object:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise BenchError("the C load generator failed (exit 1): connection reset")
+
+    monkeypatch.setattr(loadgen, "_run_against", dying)
+    with pytest.raises(loadgen.BenchBrokerExited) as err:
+        run_bench(BenchConfig(conns=1, count=5, **SMALL))
+    said = str(err.value)
+    assert said.startswith("the broker exited part-way through the run (killed by SIGKILL)"), said
+    assert said.endswith("(the generator: the C load generator failed (exit 1): connection reset)"), said
