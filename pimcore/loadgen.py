@@ -932,6 +932,9 @@ class BenchResult:
     # The generators' CPU (all processes) per message sent, µs: what it costs
     # to drive the server; 1e6 / this is the most one core of it can drive.
     generator_cpu_us_per_msg: Optional[float] = None
+    # Why broker_cpu_us_per_msg and broker_cpu_util are None for a server
+    # this tool watched: the run was too short for /proc's clock ticks.
+    broker_cpu_reason: Optional[str] = None
     # Why the run failed, in words ("" if it did not): the broker it started
     # exited part-way.  Then ``broker_exit`` is {"status": its exit status
     # (negative: the signal), "last_lines": what it wrote last}.
@@ -1028,18 +1031,38 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         return _drive(cfg, url, secret, pid, backend)
 
 
+#: The fewest clock ticks of server CPU a run must measure for its CPU
+#: figures: /proc/<pid>/stat counts whole ticks (10 ms at 100 Hz), so a
+#: difference of two readings is off by up to one tick -- 20 % at 5, about
+#: the noise between runs here; below, "0.0 µs per send (0% of a core)" or
+#: one tick later hundreds were noise printed as a figure (a new user's
+#: trial at -d 0.1).
+MIN_CPU_TICKS = 5
+
+
 def _server_figures(res: "BenchResult", samples: dict[str, Any], sent: int) -> None:
     """Fill ``res``'s server CPU and memory figures from the samples taken at
     "ready" and "done" (CPU s, /proc memory, monotonic s, CPU wait s).  CPU
     per message divides by everything sent: the warm-up and the drain are
-    inside the window (end to end that covers the delivery and its ack)."""
+    inside the window (end to end that covers the delivery and its ack).
+    Under MIN_CPU_TICKS of CPU the CPU figures are None and
+    ``broker_cpu_reason`` says why; memory and CPU wait (schedstat counts
+    ns) stay."""
     if "ready" not in samples or "done" not in samples:
         return
     (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
     if w0 is not None and w1 is not None:
         res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
-    res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
-    res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    ticks = round((cpu1 - cpu0) / tick)
+    if ticks < MIN_CPU_TICKS:
+        res.broker_cpu_us_per_msg = res.broker_cpu_util = None
+        res.broker_cpu_reason = (f"run too short: the kernel counts CPU in {tick * 1000:g} ms ticks and the server"
+                                 f" used {ticks} of them (fewer than {MIN_CPU_TICKS}: no figure)")
+    else:
+        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
+        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+        res.broker_cpu_reason = None
     res.broker_peak_rss = mem.get("VmHWM")
     res.broker_rss_anon = mem.get("RssAnon")
 
@@ -1356,7 +1379,7 @@ def _diagnose(res: BenchResult) -> str:
     if res.generator_saturated:
         return (f"generator CPU ({res.generator_cpu:.0%} of a core): the figures are a lower bound for the {server}")
     if util is None:
-        return "unknown (an external broker: its CPU is not visible)"
+        return f"unknown ({res.broker_cpu_reason or 'an external broker: its CPU is not visible'})"
     wait = res.broker_cpu_wait
     if util >= 0.85:
         return f"{server} CPU ({util:.0%} of one core)"
@@ -1868,9 +1891,13 @@ def _compare_medians(rounds: list[dict[str, Any]], peer: str) -> tuple[dict[str,
     clean = [i for i, r in enumerate(rounds, 1) if not any(r[n]["errors"] for n in ("pimcore", peer))]
     use = clean or list(range(1, len(rounds) + 1))
     rows = [rounds[i - 1] for i in use]
-    median = {name: {k: _median([r[name][k] for r in rows]) for k in rows[0][name] if k != "limit"}
+    median = {name: {k: _median([r[name][k] for r in rows]) for k in rows[0][name] if k not in _WORDS}
               for name in ("pimcore", peer)}
     return median, use
+
+
+#: The fields of a compare round's summary that are words, not figures.
+_WORDS = ("limit", "server_cpu_reason")
 
 
 def _summary(res: BenchResult) -> dict[str, Any]:
@@ -1883,6 +1910,7 @@ def _summary(res: BenchResult) -> dict[str, Any]:
         "server_cpu_us_per_msg": res.broker_cpu_us_per_msg,
         "server_cpu_util": res.broker_cpu_util,
         "server_cpu_wait": res.broker_cpu_wait,
+        "server_cpu_reason": res.broker_cpu_reason,  # why server_cpu_us_per_msg is None (a run too short)
         "generator_cpu": res.generator_cpu,
         "errors": sum(res.errors.values()),
         "limit": res.limit,
@@ -2013,6 +2041,10 @@ def format_compare(rep: dict[str, Any]) -> str:
                      f" {num(ra.get('delivery_p50'), '.2f')}x")
     if any(r[n]["errors"] for r in rep["rounds"] for n in ("pimcore", peer)):
         lines.append("WARNING: some runs had errors (see --json)")
+    coarse = next((r[n].get("server_cpu_reason") for r in rep["rounds"] for n in ("pimcore", peer)
+                   if r[n].get("server_cpu_reason")), None)
+    if coarse:
+        lines.append(f"note: CPU µs/msg '-': {coarse.split(' and ')[0]}")
     for n in rep["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -2064,7 +2096,9 @@ def format_result(res: BenchResult) -> str:
         if h.get("count"):
             lines.append(f"  {name:<18}" + "".join(f" {h[k]:>9,.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
     lines.append("")
-    if res.broker_cpu_us_per_msg is not None:
+    if res.broker_cpu_reason is not None:
+        lines.append(f"  broker CPU         n/a per send, {res.broker_cpu_reason}")
+    elif res.broker_cpu_us_per_msg is not None:
         lines.append(f"  broker CPU         {res.broker_cpu_us_per_msg:>9.1f} µs per send   ({res.broker_cpu_util:.0%} of a core"
                      + (f", waited for a CPU {res.broker_cpu_wait:.0%} of the time)" if res.broker_cpu_wait is not None
                         else ")"))
