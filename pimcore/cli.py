@@ -1390,6 +1390,9 @@ def _cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Alternating rounds of ``pimcore bench --compare`` when --rounds is not given.
+DEFAULT_COMPARE_ROUNDS = 3
+
 #: The largest --group pimcore bench builds (its member list is in memory).
 MAX_BENCH_GROUP = 1_000_000
 
@@ -1426,11 +1429,44 @@ def _bench_flags_problem(args: argparse.Namespace) -> Optional[str]:
         ("--warmup", args.warmup, math.isfinite(args.warmup) and args.warmup >= 0, "must be a number of seconds >= 0"),
         ("--hold", args.hold, math.isfinite(args.hold) and args.hold >= 0, "must be a number of seconds >= 0"),
         ("--procs", args.procs, args.procs >= 1, "must be >= 1"),
-        ("--rounds", args.rounds, args.rounds >= 1, "must be >= 1"),
+        # (--rounds without --compare ran one run and said nothing of the
+        # rounds asked for -- a new user's trial: "given" is told by its
+        # default, None; --compare alone takes 3.)
+        ("--rounds", args.rounds, args.rounds is None or args.compare is not None,
+         "takes effect only with --compare (a single run has no rounds)"),
+        ("--rounds", args.rounds, args.rounds is None or args.rounds >= 1, "must be >= 1"),
     ]
     for flag, value, ok, rule in checks:
         if not ok:
             return f"{flag} {value:g}: {rule}" if isinstance(value, float) else f"{flag} {value}: {rule}"
+    return None
+
+
+#: -c/--conns and -w/--window of pimcore bench when neither they nor --shape are given.
+DEFAULT_BENCH_CONNS = 50
+DEFAULT_BENCH_WINDOW = 16
+
+
+def _bench_shape(args: argparse.Namespace, shapes: dict[str, tuple[int, int, bool]]) -> Optional[str]:
+    """Fill ``args.conns``, ``args.window`` and ``args.offline`` from
+    --shape, or -c/-w's defaults without one; what conflicts, naming both
+    flags, or None.  A shape silently overrode -c/-w given with it (``--shape
+    1x1 -c 8`` ran one connection -- a new user's trial): -c/-w default to
+    None so that given can be told from not given, and one that says what
+    the shape says is accepted."""
+    if not args.shape:
+        args.conns = DEFAULT_BENCH_CONNS if args.conns is None else args.conns
+        args.window = DEFAULT_BENCH_WINDOW if args.window is None else args.window
+        return None
+    conns, window, online = shapes[args.shape]
+    for flag, given, want in (("--conns", args.conns, conns), ("--window", args.window, window)):
+        if given is not None and given != want:
+            return (f"--shape {args.shape} is {conns} connection(s) x {window} in flight: it conflicts with"
+                    f" {flag} {given} (drop one of them)")
+    if online and args.offline:  # (--offline with an offline shape says what it says)
+        return (f"--shape {args.shape} has a recipient online acking every push: it conflicts with --offline"
+                f" (drop one of them)")
+    args.conns, args.window, args.offline = conns, window, not online
     return None
 
 
@@ -1440,13 +1476,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, format_compare, plot_histograms,
                           print_result, run_bench, run_compare)
 
-    if args.shape:
-        args.conns, args.window, online = SHAPES[args.shape]
-        args.offline = not online
+    problem = _bench_shape(args, SHAPES)
+    if problem is not None:
+        print(f"pimcore bench: {problem}", file=sys.stderr)
+        return EXIT_REFUSED
     problem = _bench_flags_problem(args)
     if problem is not None:
         print(f"pimcore bench: {problem}", file=sys.stderr)
         return EXIT_REFUSED
+    if args.compare and args.rounds is None:
+        args.rounds = DEFAULT_COMPARE_ROUNDS
     secret = args.secret or os.environ.get("PIMCORE_SECRET") or None
     if secret is not None:
         from .auth import MIN_SECRET_BYTES
@@ -1522,7 +1561,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, before_term)
     print_result(res, args.json)
-    return 1 if res.errors else 0
+    return 1 if res.errors or res.failed else 0  # (failed: the broker it started died part-way)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -1738,8 +1777,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="group mode against nodes over Redis Cluster: their store (redis://...; default"
                                    " $PIMCORE_STORE), where the group is created")
     p.add_argument("--namespace", help="with --store: the nodes' namespace (default $PIMCORE_STORE_NAMESPACE or pim)")
-    p.add_argument("-c", "--conns", type=int, default=50, help="sending connections (default 50)")
-    p.add_argument("-w", "--window", type=int, default=16, help="SendReqs in flight per connection (default 16)")
+    p.add_argument("-c", "--conns", type=int,
+                   help=f"sending connections (default {DEFAULT_BENCH_CONNS}; with --shape, the shape's: another is refused)")
+    p.add_argument("-w", "--window", type=int,
+                   help=f"SendReqs in flight per connection (default {DEFAULT_BENCH_WINDOW}; with --shape, the shape's:"
+                        " another is refused)")
     p.add_argument("-s", "--size", type=int, default=100, help="payload bytes (default 100)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("-n", "--count", type=int, help="send this many messages in all")
@@ -1759,7 +1801,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="write a latency histogram plot (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shape", choices=["1x1", "1x64", "50x16", "e2e-1x64"],
-                   help="a shape of BENCHMARKS.md's side-by-side tables (sets --conns, --window and --offline): 1x1, 1x64 and 50x16 are"
+                   help="a shape of BENCHMARKS.md's side-by-side tables (sets --conns, --window and --offline; given with"
+                        " it, they must say the same): 1x1, 1x64 and 50x16 are"
                         " senders only; e2e-1x64 has a recipient that acks every push")
     p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
                    help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"
@@ -1768,7 +1811,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the same shape against a redis-server it starts (appendfsync always, XADD;"
                         " senders only) or a mosquitto it starts (MQTT QoS 1, no fsync; with e2e-1x64 a subscriber"
                         " that acks every message), alternating; report both, the medians and the ratios")
-    p.add_argument("--rounds", type=int, default=3, help="with --compare: alternating rounds (default 3)")
+    p.add_argument("--rounds", type=int,
+                   help=f"with --compare (refused without it): alternating rounds (default {DEFAULT_COMPARE_ROUNDS})")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="summarise an LMDB data directory, read-only (safe next to a running broker)")

@@ -78,7 +78,7 @@ from .codec import Decoder, encode_frame
 from .core import Limits, message_overhead
 from .errors import CloseCode, ErrorCode
 
-__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "SHAPES",
+__all__ = ["BenchConfig", "BenchResult", "run_bench", "format_result", "BrokerProcess", "BenchError", "BenchBrokerExited", "SHAPES",
            "c_generator", "RedisProcess", "run_redis", "MosquittoProcess", "run_mosquitto", "mqtt_connect",
            "run_compare", "format_compare"]
 
@@ -94,6 +94,11 @@ class BenchError(Exception):
 class BenchUnreachable(BenchError):
     """A broker (or the peer of --compare) did not take the connection: no
     mistake in the command (``pimcore bench`` exits 1 for it, not 2)."""
+
+
+class BenchBrokerExited(BenchUnreachable):
+    """The broker this run started exited part-way and the generator could
+    not finish at all (no result to report): exit 1, as unreachable."""
 
 
 #: Largest payload a run sends (bytes): the broker it starts takes frames of
@@ -259,6 +264,13 @@ class BrokerProcess:
         # From the broker's last line at a graceful exit ("served N connections:
         # M messages stored in B batches (... S s committing)"); empty if absent.
         self.final: dict[str, float] = {}
+        self.ready = False
+        # Its exit status when it exited before __exit__ stopped it, after it
+        # was ready (died part-way: killed, crashed, stopped by someone
+        # else); None if it lived to be stopped.
+        self.exited: Optional[int] = None
+        # The last lines it wrote (stdout and stderr, merged) after "ready".
+        self.last_lines: list[str] = []
 
     @property
     def pid(self) -> int:
@@ -314,10 +326,13 @@ class BrokerProcess:
             if line.startswith("listening on tcp://"):
                 self.url = line.split()[-1]
             if line.startswith("ready"):
+                self.ready = True
                 return
         raise BenchError("the broker did not start:\n" + "".join(lines))
 
     def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.ready and self.proc.poll() is not None:
+            self.exited = self.proc.returncode
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -327,11 +342,29 @@ class BrokerProcess:
                 self.proc.wait()
         if self.proc is not None and self.proc.stdout is not None:
             try:
-                self.final = _parse_served(self.proc.stdout.read())
+                said = self.proc.stdout.read()
+                self.final = _parse_served(said)
+                self.last_lines = [line for line in said.splitlines() if line.strip()][-BROKER_LAST_LINES:]
             except (OSError, ValueError):
                 pass
             self.proc.stdout.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+#: Lines of a broker's last words quoted when it died part-way through a run.
+BROKER_LAST_LINES = 5
+
+
+def _exit_words(status: int) -> str:
+    """A process's exit status as a person says it."""
+    if status < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
 
 
 def _parse_served(text: str) -> dict[str, float]:
@@ -860,10 +893,12 @@ class BenchResult:
     broker: dict[str, Any]
     seconds: float
     acked: int
-    acked_per_s: float
+    # The rates are None when the run failed (``failed``): what a dead
+    # broker acked divided by a window it did not live through is no rate.
+    acked_per_s: Optional[float]
     deliveries: int
-    deliveries_per_s: float
-    stored_entries_per_s: float
+    deliveries_per_s: Optional[float]
+    stored_entries_per_s: Optional[float]
     ack_latency_us: dict[str, float]
     delivery_latency_us: dict[str, float]
     errors: dict[str, int]
@@ -897,6 +932,14 @@ class BenchResult:
     # The generators' CPU (all processes) per message sent, µs: what it costs
     # to drive the server; 1e6 / this is the most one core of it can drive.
     generator_cpu_us_per_msg: Optional[float] = None
+    # Why broker_cpu_us_per_msg and broker_cpu_util are None for a server
+    # this tool watched: the run was too short for /proc's clock ticks.
+    broker_cpu_reason: Optional[str] = None
+    # Why the run failed, in words ("" if it did not): the broker it started
+    # exited part-way.  Then ``broker_exit`` is {"status": its exit status
+    # (negative: the signal), "last_lines": what it wrote last}.
+    failed: str = ""
+    broker_exit: Optional[dict[str, Any]] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -905,8 +948,28 @@ class BenchResult:
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run one benchmark as configured; see the module docstring."""
     if cfg.url is None:
-        with BrokerProcess(cfg) as broker:
-            res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+        broker = BrokerProcess(cfg)
+        try:
+            with broker:
+                res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+        except BenchError as exc:
+            # The generator gave up (the C one cannot reconnect, say) because
+            # the broker was gone: say that, not only the generator's words.
+            if broker.exited is None:
+                raise
+            raise BenchBrokerExited(f"{_broker_exited(broker.exited)}{_quoted(broker.last_lines)}"
+                                    f" (the generator: {exc})") from None
+        if broker.exited is not None:
+            # Died part-way (killed, crashed, stopped by someone else): the
+            # counts are what it did before; its rates are no rates and no
+            # limit is guessed (a new user's trial read 16,000/s of a run
+            # whose broker was killed at half time as a slow broker).
+            res.failed = _broker_exited(broker.exited)
+            res.broker_exit = {"status": broker.exited, "last_lines": broker.last_lines}
+            res.acked_per_s = res.deliveries_per_s = res.stored_entries_per_s = None
+            res.errors["broker exited"] = res.errors.get("broker exited", 0) + 1
+            res.limit = res.failed
+            return res
         if broker.final:
             res.broker_commit_seconds = broker.final["commit_seconds"]
             res.broker_batches = int(broker.final["batches"])
@@ -928,6 +991,15 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     res = _run_against(cfg, cfg.url, cfg.secret, None, "")
     res.limit = _diagnose(res)
     return res
+
+
+def _broker_exited(status: int) -> str:
+    return f"the broker exited part-way through the run ({_exit_words(status)})"
+
+
+def _quoted(lines: list[str]) -> str:
+    """A broker's last lines, for a one-line message: "; its last words: ... | ..."."""
+    return "; its last words: " + " | ".join(lines) if lines else "; it said nothing"
 
 
 def _check_broker(url: str, secret: str) -> None:
@@ -959,18 +1031,38 @@ def _run_against(cfg: BenchConfig, url: str, secret: str, pid: Optional[int], ba
         return _drive(cfg, url, secret, pid, backend)
 
 
+#: The fewest clock ticks of server CPU a run must measure for its CPU
+#: figures: /proc/<pid>/stat counts whole ticks (10 ms at 100 Hz), so a
+#: difference of two readings is off by up to one tick -- 20 % at 5, about
+#: the noise between runs here; below, "0.0 µs per send (0% of a core)" or
+#: one tick later hundreds were noise printed as a figure (a new user's
+#: trial at -d 0.1).
+MIN_CPU_TICKS = 5
+
+
 def _server_figures(res: "BenchResult", samples: dict[str, Any], sent: int) -> None:
     """Fill ``res``'s server CPU and memory figures from the samples taken at
     "ready" and "done" (CPU s, /proc memory, monotonic s, CPU wait s).  CPU
     per message divides by everything sent: the warm-up and the drain are
-    inside the window (end to end that covers the delivery and its ack)."""
+    inside the window (end to end that covers the delivery and its ack).
+    Under MIN_CPU_TICKS of CPU the CPU figures are None and
+    ``broker_cpu_reason`` says why; memory and CPU wait (schedstat counts
+    ns) stay."""
     if "ready" not in samples or "done" not in samples:
         return
     (cpu0, _, t0, w0), (cpu1, mem, t1, w1) = samples["ready"], samples["done"]
     if w0 is not None and w1 is not None:
         res.broker_cpu_wait = (w1 - w0) / max(t1 - t0, 1e-9)
-    res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
-    res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    ticks = round((cpu1 - cpu0) / tick)
+    if ticks < MIN_CPU_TICKS:
+        res.broker_cpu_us_per_msg = res.broker_cpu_util = None
+        res.broker_cpu_reason = (f"run too short: the kernel counts CPU in {tick * 1000:g} ms ticks and the server"
+                                 f" used {ticks} of them (fewer than {MIN_CPU_TICKS}: no figure)")
+    else:
+        res.broker_cpu_us_per_msg = (cpu1 - cpu0) / sent * 1e6 if sent else None
+        res.broker_cpu_util = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+        res.broker_cpu_reason = None
     res.broker_peak_rss = mem.get("VmHWM")
     res.broker_rss_anon = mem.get("RssAnon")
 
@@ -1287,7 +1379,7 @@ def _diagnose(res: BenchResult) -> str:
     if res.generator_saturated:
         return (f"generator CPU ({res.generator_cpu:.0%} of a core): the figures are a lower bound for the {server}")
     if util is None:
-        return "unknown (an external broker: its CPU is not visible)"
+        return f"unknown ({res.broker_cpu_reason or 'an external broker: its CPU is not visible'})"
     wait = res.broker_cpu_wait
     if util >= 0.85:
         return f"{server} CPU ({util:.0%} of one core)"
@@ -1799,9 +1891,13 @@ def _compare_medians(rounds: list[dict[str, Any]], peer: str) -> tuple[dict[str,
     clean = [i for i, r in enumerate(rounds, 1) if not any(r[n]["errors"] for n in ("pimcore", peer))]
     use = clean or list(range(1, len(rounds) + 1))
     rows = [rounds[i - 1] for i in use]
-    median = {name: {k: _median([r[name][k] for r in rows]) for k in rows[0][name] if k != "limit"}
+    median = {name: {k: _median([r[name][k] for r in rows]) for k in rows[0][name] if k not in _WORDS}
               for name in ("pimcore", peer)}
     return median, use
+
+
+#: The fields of a compare round's summary that are words, not figures.
+_WORDS = ("limit", "server_cpu_reason")
 
 
 def _summary(res: BenchResult) -> dict[str, Any]:
@@ -1814,6 +1910,7 @@ def _summary(res: BenchResult) -> dict[str, Any]:
         "server_cpu_us_per_msg": res.broker_cpu_us_per_msg,
         "server_cpu_util": res.broker_cpu_util,
         "server_cpu_wait": res.broker_cpu_wait,
+        "server_cpu_reason": res.broker_cpu_reason,  # why server_cpu_us_per_msg is None (a run too short)
         "generator_cpu": res.generator_cpu,
         "errors": sum(res.errors.values()),
         "limit": res.limit,
@@ -1944,6 +2041,10 @@ def format_compare(rep: dict[str, Any]) -> str:
                      f" {num(ra.get('delivery_p50'), '.2f')}x")
     if any(r[n]["errors"] for r in rep["rounds"] for n in ("pimcore", peer)):
         lines.append("WARNING: some runs had errors (see --json)")
+    coarse = next((r[n].get("server_cpu_reason") for r in rep["rounds"] for n in ("pimcore", peer)
+                   if r[n].get("server_cpu_reason")), None)
+    if coarse:
+        lines.append(f"note: CPU µs/msg '-': {coarse.split(' and ')[0]}")
     for n in rep["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -1974,6 +2075,8 @@ def format_result(res: BenchResult) -> str:
                                         else f"{res.broker_bytes_per_connection / 1024:.1f} KiB (RSS growth / connections)"),
             f"  errors             {sum(res.errors.values()):,}" + (f"   {res.errors}" if res.errors else ""),
         ])
+    if res.failed:
+        return _format_failed(res, what)
     lines = [
         f"pimcore bench: {what}; {c['conns']} conns x {c['window']} in flight, {c['size']} B payloads,"
         f" durability {c['durability'] if not c['url'] else '(external broker)'}",
@@ -1993,7 +2096,9 @@ def format_result(res: BenchResult) -> str:
         if h.get("count"):
             lines.append(f"  {name:<18}" + "".join(f" {h[k]:>9,.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
     lines.append("")
-    if res.broker_cpu_us_per_msg is not None:
+    if res.broker_cpu_reason is not None:
+        lines.append(f"  broker CPU         n/a per send, {res.broker_cpu_reason}")
+    elif res.broker_cpu_us_per_msg is not None:
         lines.append(f"  broker CPU         {res.broker_cpu_us_per_msg:>9.1f} µs per send   ({res.broker_cpu_util:.0%} of a core"
                      + (f", waited for a CPU {res.broker_cpu_wait:.0%} of the time)" if res.broker_cpu_wait is not None
                         else ")"))
@@ -2013,6 +2118,30 @@ def format_result(res: BenchResult) -> str:
         lines.append("  WARNING: the generator's CPU was saturated: these figures are a lower bound for the broker;"
                      " use --procs or fewer connections")
     return "\n".join(lines)
+
+
+def _format_failed(res: BenchResult, what: str) -> str:
+    """The report of a failed run: why, what the broker said last, what was
+    counted before -- no rates, no CPU figures, no limit."""
+    c = res.config
+    lines = [
+        f"pimcore bench: {what}; {c['conns']} conns x {c['window']} in flight, {c['size']} B payloads,"
+        f" durability {c['durability'] if not c['url'] else '(external broker)'}",
+        f"broker {res.broker['url']} (pid {res.broker['pid'] or '-'}, {res.broker['backend'] or '?'} backend)",
+        "",
+        f"  FAILED: {res.failed}: no rates (the run did not last its window)",
+    ]
+    for line in (res.broker_exit or {}).get("last_lines") or []:
+        lines.append(f"  broker said: {line}")
+    lines.append(f"  acked sends        {res.acked:>12,}   before it exited")
+    if res.deliveries or c["mode"] == "group" or c["online"]:
+        lines.append(f"  deliveries         {res.deliveries:>12,}")
+    lines.append(f"  errors             {sum(res.errors.values()):>12,}" + (f"   {res.errors}" if res.errors else ""))
+    return "\n".join(lines)
+
+
+def _rate(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
 
 
 def plot_histograms(res: BenchResult, path: str) -> None:
@@ -2041,8 +2170,8 @@ def plot_histograms(res: BenchResult, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency (µs)")
     ax.set_ylabel("messages")
-    ax.set_title(f"{res.peer} bench: {res.acked_per_s:,.0f} acked sends/s; limited by {res.limit.split(':')[0].split(' (')[0]}"
-                 if res.limit else f"{res.peer} bench: {res.acked_per_s:,.0f} acked sends/s", fontsize=10)
+    ax.set_title(f"{res.peer} bench: {_rate(res.acked_per_s)} acked sends/s; limited by {res.limit.split(':')[0].split(' (')[0]}"
+                 if res.limit else f"{res.peer} bench: {_rate(res.acked_per_s)} acked sends/s", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -176,8 +176,9 @@ def test_run_redis_reports_the_server_side() -> None:
     assert res.peer == "redis" and res.generator == "c"
     assert res.errors == {} and res.acked == 400
     assert res.broker["backend"].startswith("redis ")
-    # Read from /proc/<redis pid> (clock ticks: 0 for so short a run is possible).
-    assert res.broker_cpu_us_per_msg is not None and res.broker_peak_rss
+    # Read from /proc/<redis pid> in clock ticks: so short a run may use too
+    # few for a figure, and then says so (broker_cpu_reason).
+    assert (res.broker_cpu_us_per_msg is None) == (res.broker_cpu_reason is not None) and res.broker_peak_rss
     assert res.limit
 
 
@@ -241,6 +242,30 @@ def test_a_round_with_errors_is_marked_and_left_out_of_the_medians() -> None:
     assert counted == [1]
     table = format_compare({**rep, "rounds": rounds[:1], "median": median, "counted": counted})
     assert "every round had errors: the medians take them all" in table
+
+
+def test_compare_rounds_too_short_for_a_cpu_figure_say_so() -> None:
+    """A round whose server used fewer clock ticks than a CPU figure needs
+    has server_cpu_us_per_msg None and server_cpu_reason (--json); the
+    medians skip both (a word is no figure), the table shows '-' and why."""
+    from pimcore.loadgen import _compare_medians
+
+    why = "run too short: the kernel counts CPU in 10 ms ticks and the server used 2 of them (fewer than 5: no figure)"
+
+    def side(cpu: Optional[float]) -> dict:
+        return {"acked_per_s": 1000.0, "p50_us": 500.0, "p99_us": 600.0, "server_cpu_us_per_msg": cpu,
+                "server_cpu_util": None if cpu is None else 0.5, "server_cpu_wait": 0.0,
+                "server_cpu_reason": None if cpu is not None else why, "generator_cpu": 0.1, "errors": 0, "limit": "x"}
+
+    rounds = [{"pimcore": side(None), "redis": side(None)}, {"pimcore": side(20.0), "redis": side(None)}]
+    median, counted = _compare_medians(rounds, "redis")
+    assert median["pimcore"]["server_cpu_us_per_msg"] == 20.0 and median["redis"]["server_cpu_us_per_msg"] is None
+    assert "server_cpu_reason" not in median["pimcore"]
+    rep = {"peer": "redis", "shape": {"conns": 1, "window": 1, "size": 100, "durability": "os", "duration": 0.1},
+           "rounds": rounds, "median": median, "counted": counted, "notes": [],
+           "ratio": {"acked_per_s": 1.0, "p50": 1.0, "server_cpu_us_per_msg": None}}
+    table = format_compare(rep)
+    assert "note: CPU µs/msg '-': run too short: the kernel counts CPU in 10 ms ticks" in table, table
 
 
 def test_compare_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,7 +363,8 @@ def test_compare_mosquitto_counts_senders_only_and_end_to_end() -> None:
                 assert res.deliveries == res.acked and res.delivery_latency_us["count"] == res.acked, name
             else:
                 assert res.deliveries == 0, name
-        assert mq.broker_cpu_us_per_msg is not None and mq.broker_peak_rss and mq.limit
+        assert (mq.broker_cpu_us_per_msg is None) == (mq.broker_cpu_reason is not None)  # a figure, or why not
+        assert mq.broker_peak_rss and mq.limit
         assert mq.broker["connections"] == cfg.conns * (2 if cfg.online else 1)
         assert rep["peer"] == "mosquitto" and rep["rounds"][0]["mosquitto"]["errors"] == 0
         assert ("deliveries_per_s" in rep["ratio"]) == cfg.online
