@@ -738,6 +738,7 @@ class ServeSettings:
                 except (TypeError, ValueError) as exc:
                     raise self._refused(f"server.{key}: {exc}", ("server", key)) from None
         self._check_idle_timeout(broker)
+        self._check_events_for_webhooks()
         if "events" in srv:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):
@@ -878,6 +879,15 @@ class ServeSettings:
             problem = api_key_problem(key.strip())
             if problem is not None:
                 raise self._refused(f"api_keys: HTTP API key {i} {problem}", (None, "api_keys"))
+
+    def _check_events_for_webhooks(self) -> None:
+        """ConfigError for ``[server] events = false`` beside a ``[webhooks]
+        url``: the sender is a consumer of the event log, so it needs one.
+        Left unset, a webhook URL turns events on; said false, it was turned
+        on all the same, without a word (a new user's trial)."""
+        if self.webhooks.get("url") and "events" in self.server and not self.server["events"]:
+            raise self._refused("server.events: webhooks need the event log (the sender reads it): set events = true,"
+                                " or leave events unset (a webhooks.url turns it on)", ("server", "events"))
 
     def webhook_secret(self) -> bytes:
         """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else
@@ -1562,6 +1572,7 @@ def load_settings(
     s._check_api_keys()  # (so that --print-config refuses them too)
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
+    s._check_events_for_webhooks()
     s.moderation_config(secret=b"-")
     if not s.http:
         s.http_config()  # ([http] keys without a listener: a trial's were taken and unused)

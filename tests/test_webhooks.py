@@ -233,6 +233,32 @@ def test_secret_from_config_env_or_a_generated_private_file(tmp_path: Path) -> N
     assert load_settings(None, env={}).server_config().broker.record_events is False
 
 
+def test_events_false_beside_a_webhook_url_is_refused_not_turned_on(tmp_path: Path) -> None:
+    # A new user's trial: ``[server] events = false`` with a ``[webhooks] url``
+    # was turned into events = true without a word.  Left unset, webhooks
+    # still turn it on; said false, it is refused wherever it came from.
+    def error(*, text: Optional[str] = None, env: Optional[dict[str, str]] = None, **flags) -> str:
+        cfg = None
+        if text is not None:
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_settings(str(cfg) if cfg else None, env=env or {}, **flags)
+        return str(err.value)
+
+    msg = error(text='[server]\nevents = false\n[webhooks]\nurl = "http://h/x"\n')
+    assert "server.events: webhooks need the event log" in msg and "events = true, or leave events unset" in msg, msg
+    assert "c.toml" in msg, msg
+    msg = error(env={"PIMCORE_SERVER_EVENTS": "false", "PIMCORE_WEBHOOKS_URL": "http://h/x"})
+    assert "webhooks need the event log" in msg and "$PIMCORE_SERVER_EVENTS" in msg, msg
+    assert "webhooks need the event log" in error(events=False, webhooks={"url": "http://h/x"})
+    for given in ({}, {"events": True}):
+        s = load_settings(None, env={}, webhooks={"url": "http://h/x", "secret": "s"}, **given)
+        assert s.server_config().broker.record_events is True
+    # Without a webhook URL, events = false stays as said.
+    assert load_settings(None, env={}, events=False).server_config().broker.record_events is False
+
+
 def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, capsys) -> None:
     import tomllib
 
