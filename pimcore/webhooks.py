@@ -204,9 +204,35 @@ class ModerationConfig:
 
 
 def _check_url(name: str, url: str) -> None:
+    """ValueError naming ``name`` for a URL no request could go to.  The host
+    and port are checked here, not left to the first call: a bad port
+    (``https://host:99999/x``, ``:abc``) or no host was taken at start and
+    failed only at run time, each event retried forever (a new user's
+    trial).  The URL is quoted as logs show it (credentials redacted)."""
+    from urllib.parse import urlsplit
+
     low = url.lower()
     if not (low.startswith("http://") or low.startswith("https://")) or len(url.split("://", 1)[1]) == 0:
         raise ValueError(f"{name}: expected an http:// or https:// URL, got {shown_url(url)!r}")
+    wanted = "expected an http:// or https:// URL with a host, and a port 1..65535 if one is given"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # (an unclosed IPv6 bracket: "Invalid IPv6 URL")
+        raise ValueError(f"{name}: not a URL ({exc}): {wanted}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{name}: no host in {shown_url(url)!r}: {wanted}")
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise ValueError(f"{name}: the host {host!r} is not a host name, in {shown_url(url)!r}: {wanted}")
+    try:
+        port = parts.port  # (ValueError: out of 0..65535, or not digits)
+    except ValueError:
+        given = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise ValueError(f"{name}: port {given!r} is not a number, in {shown_url(url)!r}: {wanted}"
+                         if not given.isdigit() else
+                         f"{name}: port {given} is not 1..65535, in {shown_url(url)!r}: {wanted}") from None
+    if port == 0:  # (urllib takes it; no connection can go to port 0)
+        raise ValueError(f"{name}: port 0 is not 1..65535, in {shown_url(url)!r}: {wanted}")
 
 
 def _client(timeout: float) -> "httpx.AsyncClient":

@@ -214,6 +214,39 @@ def test_settings_errors_name_the_key(tmp_path: Path) -> None:
     assert "moderation.secret: cannot be empty" in error(moderation={"url": "http://h/m", "policy": "open", "secret": " "})
 
 
+def test_a_url_with_a_bad_port_or_no_host_is_refused_at_start(tmp_path: Path) -> None:
+    # A new user's trial: https://host:99999/x, https://host:abc/ and a URL
+    # with no host were taken at start and failed only at the first call.
+    from pimcore.webhooks import ModerationConfig, WebhookConfig
+
+    def error(env: Optional[dict[str, str]] = None, **flags) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, env=env or {}, **flags)
+        return str(err.value)
+
+    for url, problem in (("https://host:99999/x", "port 99999 is not 1..65535"),
+                         ("https://host:0/x", "port 0 is not 1..65535"),
+                         ("https://host:abc/", "port 'abc' is not a number"),
+                         ("https://:8080/x", "no host"), ("https:///x", "no host"),
+                         ("https://ho st/x", "the host 'ho st' is not a host name"),
+                         ("https://[::1/x", "not a URL")):
+        msg = error(webhooks={"url": url})
+        assert msg.startswith("webhooks.url: ") and problem in msg, (url, msg)
+        msg = error(moderation={"url": url, "policy": "open"})
+        assert msg.startswith("moderation.url: ") and problem in msg, (url, msg)
+        with pytest.raises(ValueError, match=r"^webhooks\.url: "):
+            WebhookConfig(url=url, secret=b"s")
+        with pytest.raises(ValueError, match=r"^moderation\.url: "):
+            ModerationConfig(url=url, secret=b"s", policy="open")
+    # From the environment, named by its variable; credentials stay redacted.
+    msg = error(env={"PIMCORE_WEBHOOKS_URL": "https://hookuser:hunter2@host:99999/x?token=s3cr3t"})
+    assert "webhooks.url: port 99999 is not 1..65535" in msg and "$PIMCORE_WEBHOOKS_URL" in msg, msg
+    assert "hunter2" not in msg and "s3cr3t" not in msg and "hookuser:<redacted>@host:99999" in msg, msg
+    # Good ones still pass: a port given or not, an IPv6 literal.
+    for url in ("https://host/x", "http://host:8080/x", "http://[::1]:8080/x", "http://127.0.0.1:1/e"):
+        assert load_settings(None, env={}, webhooks={"url": url}).webhook_config(secret=b"s").url == url
+
+
 def test_secret_from_config_env_or_a_generated_private_file(tmp_path: Path) -> None:
     s = load_settings(None, env={}, data_dir=tmp_path, webhooks={"url": "http://h/x"}, moderation={"url": "http://h/m", "policy": "open"})
     assert not (tmp_path / "webhook-secret").exists()  # loading settings creates nothing
