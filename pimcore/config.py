@@ -55,7 +55,7 @@ Example (every key optional)::
     max_header_bytes = 16384
     max_body_bytes = 1048576
     request_timeout = 10.0             # seconds to receive a whole request once it started
-    keepalive_timeout = 30.0           # seconds a connection may stay silent between requests
+    keepalive_timeout = 30.0           # seconds a connection may stay silent between requests (>= 0.1)
     max_connections = 1000
     max_page_bytes = 4194304           # JSON bytes of a history/conversation-list/event page, an event-stream write
 
@@ -455,7 +455,8 @@ def _check(name: str, typ: str, value: Any, empty_ok: bool = False) -> Any:
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "http.max_header_bytes": (1, True), "http.max_body_bytes": (1, True), "http.max_connections": (1, True),
     "http.max_page_bytes": (1, True),  # (and at least one message's JSON: ServeSettings._check_page_bytes)
-    "http.request_timeout": (0, False), "http.keepalive_timeout": (0, False),
+    "http.request_timeout": (0, False),
+    "http.keepalive_timeout": (0.1, True),  # (http.server.MIN_KEEPALIVE_TIMEOUT: less closed a connection at once)
     # (Said by the setting's name here: the core's own refusal names its
     # BrokerConfig field, in µs.)
     "server.history_max_age": (0, True), "server.history_max_count": (0, True),
@@ -488,7 +489,7 @@ def _in_range(name: str, value: Any) -> Any:
     """``value`` if within ``name``'s bound (:data:`_LOWER_BOUNDS`), else ConfigError naming ``name``."""
     bound = _LOWER_BOUNDS.get(name)
     if bound is not None and not (value >= bound[0] if bound[1] else value > bound[0]):
-        what = ("an integer >= %d" if isinstance(value, int) else "a number >= %g") % bound[0] if bound[1] \
+        what = ("an integer >= %d" if isinstance(value, int) and bound[0] == int(bound[0]) else "a number >= %g") % bound[0] if bound[1] \
             else "a number > %g" % bound[0]
         raise ConfigError(f"{name}: expected {what}, got {_show(value)}")
     return value

@@ -394,6 +394,11 @@ def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
         raise HttpError(401, "AUTH_FAILED", "the API key is not valid", challenge)
 
 
+#: The shortest ``keepalive_timeout`` taken, in seconds: shorter, a
+#: connection closed before its client's next request could come.
+MIN_KEEPALIVE_TIMEOUT = 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     """The HTTP listener.  ``scheme`` "tcp" or "tls" (``ssl_context``
@@ -408,7 +413,7 @@ class HttpConfig:
     max_header_bytes: int = 16 * 1024
     max_body_bytes: int = 1 << 20
     request_timeout: float = 10.0  # seconds: a whole request once it started, and a response
-    keepalive_timeout: float = 30.0  # seconds of silence between requests
+    keepalive_timeout: float = 30.0  # seconds of silence between requests (>= MIN_KEEPALIVE_TIMEOUT)
     max_connections: int = 1000
     #: Most bytes of one page's JSON (history, conversation list, event
     #: poll) and of one server-sent-events write; a page holds one item
@@ -423,9 +428,14 @@ class HttpConfig:
         for name in ("max_header_bytes", "max_body_bytes", "max_connections", "max_page_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("request_timeout", "keepalive_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds")
+        if not self.request_timeout > 0:
+            raise ValueError("request_timeout must be > 0 seconds")
+        # (A keep-alive shorter than a client's turn-around closed the
+        # connection between a request and its next, 0.0001 s was taken: a
+        # new user's trial.  0.1 s is a turn-around on a slow network.)
+        if not self.keepalive_timeout >= MIN_KEEPALIVE_TIMEOUT:
+            raise ValueError(f"keepalive_timeout must be >= {MIN_KEEPALIVE_TIMEOUT:g} seconds,"
+                             f" got {self.keepalive_timeout:g}")
         for i, key in enumerate(self.api_keys, 1):
             problem = api_key_problem(key)
             if problem is not None:
