@@ -22,7 +22,8 @@ which also refuses a timestamp outside ``tolerance`` (a replayed old body).
 broker POSTs ``{"conv", "sender", "device", "local_id", "payload_b64",
 "time", "source"}`` (signed the same way) and waits at most ``timeout_ms``
 for ``{"allow": true}`` or ``{"allow": false, "reason": "..."}``.  No usable
-answer (timeout, non-2xx, not that JSON, connection refused) follows
+answer (timeout, non-2xx, not that JSON -- a key given twice included --,
+connection refused) follows
 ``policy``: "open" lets the message through (a warning is logged),
 "closed" refuses it with INTERNAL, which the SDK retries with the same
 local id.  See docs/EMBEDDING.md, Webhooks.
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import trio
 
-from ._util import shown_url
+from ._util import DuplicateKey, read_json, shown_url
 from .errors import ErrorCode, PimError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -467,8 +468,14 @@ class Moderator:
             elif not 200 <= resp.status_code < 300:
                 problem = f"HTTP {resp.status_code}"
             else:
+                # (read_json: an object giving a key twice, {"allow": true,
+                # "allow": false}, was taken as its last value, where another
+                # reader of the answer -- a proxy, the service's own log --
+                # may take the first: ambiguous, so no usable answer.)
                 try:
-                    answer = json.loads(raw)
+                    answer = read_json(raw)
+                except DuplicateKey as exc:
+                    problem = f"the answer gives {exc}"  # (the key quoted as _show does: cut, escaped)
                 except ValueError:
                     problem = "the answer is not JSON"
                 else:

@@ -588,6 +588,8 @@ class Moderation(Receiver):
             return 500, b"{}"
         if self.mode == "junk":
             return 200, b'{"allowed": "yes"}'
+        if self.mode == "twice":  # (json.loads took the last: refused, where a reader taking the first allows)
+            return 200, b'{"allow": true, "allow": false}'
         if self.mode == "deny":
             return 200, json.dumps({"allow": False, "reason": "closed for today"}).encode()
         if b"spam" in payload:
@@ -636,12 +638,18 @@ async def test_moderation_allows_and_rejects_with_the_reason(tmp_path: Path) -> 
     assert host["source"] == "host" and host["device"] == "web" and host["conv"] == "team" and int(host["local_id"]) > 0
 
 
-@pytest.mark.parametrize("failure", ["slow", "500", "junk", "down"])
+@pytest.mark.parametrize("failure", ["slow", "500", "junk", "twice", "down"])
 @pytest.mark.parametrize("policy", ["open", "closed"])
-async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, policy: str, failure: str) -> None:
+async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, policy: str, failure: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     """open: the message is stored anyway.  closed: it is refused with
     INTERNAL, which the SDK retries with the same local id -- stored once
-    when the service answers again."""
+    when the service answers again.  An answer giving a key twice
+    ({"allow": true, "allow": false}: a new user's trial, the last one was
+    taken) is no usable answer either."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pimcore.webhooks")
     mod = await Moderation().bind()
     mod.mode = failure if failure != "down" else "ok"
     with trio.fail_after(30):
@@ -674,6 +682,9 @@ async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, p
                     history = await im.history(AB, "bob", from_seq=0, backward=False)
                     assert [(m.seq, m.payload) for m in history] == [(sent.seq, payload)]  # once
             nursery.cancel_scope.cancel()
+    if failure == "twice":
+        said = [getattr(r, "error", "") for r in caplog.records if getattr(r, "event", "") == "moderation_failed"]
+        assert said and said[0] == "the answer gives the key 'allow' twice in one object (give each key once)", said
 
 
 async def test_a_pending_moderation_call_holds_up_only_its_sender(tmp_path: Path) -> None:
