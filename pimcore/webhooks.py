@@ -443,15 +443,17 @@ class Moderator:
         self.unavailable = 0  # no usable answer (then the policy decided)
         self._throttle = _Throttle()
 
-    async def check(self, *, conv: str, sender: str, device: str, local_id: int, payload: bytes, now: int,
+    async def check(self, *, conv: str, sender: str, device: str, local_id: Optional[int], payload: bytes, now: int,
                     source: str = "client") -> Verdict:
         """The verdict on a message about to be stored (``now``: µs, the
-        broker's clock; ``source``: "client" or "host")."""
+        broker's clock; ``source``: "client" or "host"; ``local_id`` None: a
+        host post without an idempotency key, sent as null -- it was "0", a
+        local id no post has, which a service keying on it took for one)."""
         import httpx
 
         cfg = self.config
         body = json.dumps({
-            "conv": conv, "sender": sender, "device": device, "local_id": str(local_id),
+            "conv": conv, "sender": sender, "device": device, "local_id": None if local_id is None else str(local_id),
             "payload_b64": base64.b64encode(payload).decode("ascii"), "time": now, "source": source,
         }, separators=(",", ":")).encode()
         if self._client is None:

@@ -909,9 +909,12 @@ async def test_moderation_has_its_own_time_limit_not_hook_timeout(tmp_path: Path
 async def test_http_api_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
     """POST /v1/conversations/{conv}/messages with a sender: 403 REJECTED
     with the reason; moderation down under the closed policy: 503 INTERNAL
-    (retry with the same Idempotency-Key); as the system: not moderated."""
+    (retry with the same Idempotency-Key); as the system: not moderated.
+    The service is told the post's local id: its Idempotency-Key's, or
+    null without one (it was "0", a local id no post has: a trial)."""
     import httpx
 
+    from pimcore.core import idempotency_local_id
     from pimcore.http import HttpConfig, open_http_server
 
     mod = await Moderation().bind()
@@ -925,9 +928,11 @@ async def test_http_api_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
                     path = "/v1/conversations/team/messages"
                     r = await http.post(path, json={"payload": "buy spam", "sender": "alice"})
                     assert r.status_code == 403 and r.json()["error"]["code"] == "REJECTED" and "no spam here" in r.json()["error"]["message"]
+                    assert "local_id" in mod.asked[-1] and mod.asked[-1]["local_id"] is None, mod.asked[-1]
                     r = await http.post(path, json={"payload": "hi", "sender": "alice"}, headers={"Idempotency-Key": "p1"})
                     assert r.status_code == 201 and r.json()["seq"] == 1
                     assert mod.asked[-1]["device"] == "http" and mod.asked[-1]["source"] == "host"
+                    assert mod.asked[-1]["local_id"] == str(idempotency_local_id("p1"))
                     mod.mode = "500"
                     r = await http.post(path, json={"payload": "again", "sender": "alice"}, headers={"Idempotency-Key": "p2"})
                     assert r.status_code == 503 and r.json()["error"]["code"] == "INTERNAL"
