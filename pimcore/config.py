@@ -55,7 +55,7 @@ Example (every key optional)::
     max_header_bytes = 16384
     max_body_bytes = 1048576
     request_timeout = 10.0             # seconds to receive a whole request once it started
-    keepalive_timeout = 30.0           # seconds a connection may stay silent between requests
+    keepalive_timeout = 30.0           # seconds a connection may stay silent between requests (>= 0.1)
     max_connections = 1000
     max_page_bytes = 4194304           # JSON bytes of a history/conversation-list/event page, an event-stream write
 
@@ -455,7 +455,8 @@ def _check(name: str, typ: str, value: Any, empty_ok: bool = False) -> Any:
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "http.max_header_bytes": (1, True), "http.max_body_bytes": (1, True), "http.max_connections": (1, True),
     "http.max_page_bytes": (1, True),  # (and at least one message's JSON: ServeSettings._check_page_bytes)
-    "http.request_timeout": (0, False), "http.keepalive_timeout": (0, False),
+    "http.request_timeout": (0, False),
+    "http.keepalive_timeout": (0.1, True),  # (http.server.MIN_KEEPALIVE_TIMEOUT: less closed a connection at once)
     # (Said by the setting's name here: the core's own refusal names its
     # BrokerConfig field, in µs.)
     "server.history_max_age": (0, True), "server.history_max_count": (0, True),
@@ -488,7 +489,7 @@ def _in_range(name: str, value: Any) -> Any:
     """``value`` if within ``name``'s bound (:data:`_LOWER_BOUNDS`), else ConfigError naming ``name``."""
     bound = _LOWER_BOUNDS.get(name)
     if bound is not None and not (value >= bound[0] if bound[1] else value > bound[0]):
-        what = ("an integer >= %d" if isinstance(value, int) else "a number >= %g") % bound[0] if bound[1] \
+        what = ("an integer >= %d" if isinstance(value, int) and bound[0] == int(bound[0]) else "a number >= %g") % bound[0] if bound[1] \
             else "a number > %g" % bound[0]
         raise ConfigError(f"{name}: expected {what}, got {_show(value)}")
     return value
@@ -738,6 +739,7 @@ class ServeSettings:
                 except (TypeError, ValueError) as exc:
                     raise self._refused(f"server.{key}: {exc}", ("server", key)) from None
         self._check_idle_timeout(broker)
+        self._check_events_for_webhooks()
         if "events" in srv:
             broker = replace(broker, record_events=bool(srv.pop("events")))
         if self.webhooks.get("url"):
@@ -878,6 +880,15 @@ class ServeSettings:
             problem = api_key_problem(key.strip())
             if problem is not None:
                 raise self._refused(f"api_keys: HTTP API key {i} {problem}", (None, "api_keys"))
+
+    def _check_events_for_webhooks(self) -> None:
+        """ConfigError for ``[server] events = false`` beside a ``[webhooks]
+        url``: the sender is a consumer of the event log, so it needs one.
+        Left unset, a webhook URL turns events on; said false, it was turned
+        on all the same, without a word (a new user's trial)."""
+        if self.webhooks.get("url") and "events" in self.server and not self.server["events"]:
+            raise self._refused("server.events: webhooks need the event log (the sender reads it): set events = true,"
+                                " or leave events unset (a webhooks.url turns it on)", ("server", "events"))
 
     def webhook_secret(self) -> bytes:
         """``[webhooks] secret`` ($PIMCORE_WEBHOOKS_SECRET), else
@@ -1562,6 +1573,7 @@ def load_settings(
     s._check_api_keys()  # (so that --print-config refuses them too)
     # Check the webhook sections now (naming the key), without creating a secret.
     s.webhook_config(secret=b"-")
+    s._check_events_for_webhooks()
     s.moderation_config(secret=b"-")
     if not s.http:
         s.http_config()  # ([http] keys without a listener: a trial's were taken and unused)

@@ -706,11 +706,14 @@ class Pimcore:
             return None
         from .core import idempotency_local_id
 
-        # The local id the message will have (0 without a key); an
-        # unusable key is left to the broker's BAD_REQUEST.
-        local_id = 0 if key is None else idempotency_local_id(key)
-        if local_id is None:
-            return None
+        # The local id the message will have; None without a key (the
+        # moderation service is told null: "0" named a local id no post
+        # has).  An unusable key is left to the broker's BAD_REQUEST.
+        local_id: Optional[int] = None
+        if key is not None:
+            local_id = idempotency_local_id(key)
+            if local_id is None:
+                return None
         reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
         if reason is not None:
             return RequestRefused(code, f"{what or f'post to {_show(conv)}'} refused: {reason}")

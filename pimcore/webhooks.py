@@ -22,7 +22,8 @@ which also refuses a timestamp outside ``tolerance`` (a replayed old body).
 broker POSTs ``{"conv", "sender", "device", "local_id", "payload_b64",
 "time", "source"}`` (signed the same way) and waits at most ``timeout_ms``
 for ``{"allow": true}`` or ``{"allow": false, "reason": "..."}``.  No usable
-answer (timeout, non-2xx, not that JSON, connection refused) follows
+answer (timeout, non-2xx, not that JSON -- a key given twice included --,
+connection refused) follows
 ``policy``: "open" lets the message through (a warning is logged),
 "closed" refuses it with INTERNAL, which the SDK retries with the same
 local id.  See docs/EMBEDDING.md, Webhooks.
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import trio
 
-from ._util import shown_url
+from ._util import DuplicateKey, read_json, shown_url
 from .errors import ErrorCode, PimError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,9 +205,35 @@ class ModerationConfig:
 
 
 def _check_url(name: str, url: str) -> None:
+    """ValueError naming ``name`` for a URL no request could go to.  The host
+    and port are checked here, not left to the first call: a bad port
+    (``https://host:99999/x``, ``:abc``) or no host was taken at start and
+    failed only at run time, each event retried forever (a new user's
+    trial).  The URL is quoted as logs show it (credentials redacted)."""
+    from urllib.parse import urlsplit
+
     low = url.lower()
     if not (low.startswith("http://") or low.startswith("https://")) or len(url.split("://", 1)[1]) == 0:
         raise ValueError(f"{name}: expected an http:// or https:// URL, got {shown_url(url)!r}")
+    wanted = "expected an http:// or https:// URL with a host, and a port 1..65535 if one is given"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # (an unclosed IPv6 bracket: "Invalid IPv6 URL")
+        raise ValueError(f"{name}: not a URL ({exc}): {wanted}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{name}: no host in {shown_url(url)!r}: {wanted}")
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise ValueError(f"{name}: the host {host!r} is not a host name, in {shown_url(url)!r}: {wanted}")
+    try:
+        port = parts.port  # (ValueError: out of 0..65535, or not digits)
+    except ValueError:
+        given = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise ValueError(f"{name}: port {given!r} is not a number, in {shown_url(url)!r}: {wanted}"
+                         if not given.isdigit() else
+                         f"{name}: port {given} is not 1..65535, in {shown_url(url)!r}: {wanted}") from None
+    if port == 0:  # (urllib takes it; no connection can go to port 0)
+        raise ValueError(f"{name}: port 0 is not 1..65535, in {shown_url(url)!r}: {wanted}")
 
 
 def _client(timeout: float) -> "httpx.AsyncClient":
@@ -416,15 +443,17 @@ class Moderator:
         self.unavailable = 0  # no usable answer (then the policy decided)
         self._throttle = _Throttle()
 
-    async def check(self, *, conv: str, sender: str, device: str, local_id: int, payload: bytes, now: int,
+    async def check(self, *, conv: str, sender: str, device: str, local_id: Optional[int], payload: bytes, now: int,
                     source: str = "client") -> Verdict:
         """The verdict on a message about to be stored (``now``: µs, the
-        broker's clock; ``source``: "client" or "host")."""
+        broker's clock; ``source``: "client" or "host"; ``local_id`` None: a
+        host post without an idempotency key, sent as null -- it was "0", a
+        local id no post has, which a service keying on it took for one)."""
         import httpx
 
         cfg = self.config
         body = json.dumps({
-            "conv": conv, "sender": sender, "device": device, "local_id": str(local_id),
+            "conv": conv, "sender": sender, "device": device, "local_id": None if local_id is None else str(local_id),
             "payload_b64": base64.b64encode(payload).decode("ascii"), "time": now, "source": source,
         }, separators=(",", ":")).encode()
         if self._client is None:
@@ -441,8 +470,14 @@ class Moderator:
             elif not 200 <= resp.status_code < 300:
                 problem = f"HTTP {resp.status_code}"
             else:
+                # (read_json: an object giving a key twice, {"allow": true,
+                # "allow": false}, was taken as its last value, where another
+                # reader of the answer -- a proxy, the service's own log --
+                # may take the first: ambiguous, so no usable answer.)
                 try:
-                    answer = json.loads(raw)
+                    answer = read_json(raw)
+                except DuplicateKey as exc:
+                    problem = f"the answer gives {exc}"  # (the key quoted as _show does: cut, escaped)
                 except ValueError:
                     problem = "the answer is not JSON"
                 else:

@@ -446,7 +446,7 @@ async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() 
     named = "this is pimcore's HTTP API (http://): not a broker listener"
     with trio.fail_after(20):
         async with broker_http(request_timeout=600) as (srv, h):
-            for first in (b"\x07\x40\x01login", b"\x16\x03\x01\x02\x00"):  # a Login-like frame, a ClientHello
+            for first in (b"\x07\x40\x01login",):  # a Login-like frame (a ClientHello: the test below)
                 stream = await trio.open_tcp_stream(*host_port(h.url))
                 await stream.send_all(first)
                 reply = await read_until_eof(stream)
@@ -463,6 +463,40 @@ async def test_bytes_no_request_begins_with_are_a_400_at_once_naming_the_port() 
                 reply = await read_until_eof(stream)
                 assert reply.startswith(b"HTTP/1.1 404 Not Found\r\n"), reply
                 assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"] == message, reply
+
+
+async def test_a_tls_client_at_the_plain_http_port_is_told_and_logged_it_spoke_tls(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A ClientHello (curl https:// at an http:// port) was answered and
+    logged as a broker client's bytes, "not a broker listener", a malformed
+    request.  Now the 400 and the http_refused warning (reason "tls") say a
+    TLS handshake came to this plain-HTTP port, suggesting http:// or TLS on
+    the listener.  The answer still begins as pimcore's HTTP API names
+    itself (the SDK reads it), and a real TLS client still fails with
+    WRONG_VERSION_NUMBER at once (the CLI's and the SDK's hints key on it)."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pimcore.http")
+    told = ("this is pimcore's HTTP API (http://): a TLS handshake (ClientHello) came to this plain-HTTP port:"
+            ' use an http:// URL, or serve the API over TLS ([http] listen = "tls://HOST:PORT" with a certificate)')
+    with trio.fail_after(20):
+        async with broker_http(request_timeout=600) as (srv, h):
+            for first in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\x16"):  # a ClientHello; its first byte
+                stream = await trio.open_tcp_stream(*host_port(h.url))
+                await stream.send_all(first)
+                reply = await read_until_eof(stream)
+                assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
+                assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"error": {"code": "BAD_REQUEST", "message": told}}
+            plain = await trio.open_tcp_stream(*host_port(h.url))
+            tls = trio.SSLStream(plain, ssl.create_default_context(), server_hostname="localhost")
+            with pytest.raises(trio.BrokenResourceError) as err:
+                await tls.do_handshake()
+            assert isinstance(err.value.__cause__, ssl.SSLError) and err.value.__cause__.reason == "WRONG_VERSION_NUMBER"
+            await plain.aclose()
+            assert h.refusals.total["tls"] == 3 and h.refusals.total["malformed"] == 0
+    said = [r for r in caplog.records if getattr(r, "event", None) == "http_refused"]
+    assert [getattr(r, "reason") for r in said] == ["tls"], said  # (then at most one line per 30 s)
+    assert "a TLS handshake (an https:// client) at this plain http:// listener" in said[0].getMessage(), said[0].getMessage()
 
 
 async def test_only_http_1_0_and_1_1_are_served_others_are_505() -> None:

@@ -1071,6 +1071,26 @@ async def test_an_ack_past_the_last_event_is_409_and_a_bad_consumer_name_says_th
                 assert why in doc["error"]["message"] and f"({rule})" in doc["error"]["message"], (path, doc)
 
 
+async def test_an_ack_with_a_null_or_non_string_consumer_is_400_naming_the_field(tmp_path: Path) -> None:
+    """POST /v1/events/ack {"consumer": null, ...} acked as "default" (a new
+    user's trial): a client whose consumer variable was unset moved another
+    consumer's cursor.  Now 400 naming the field, nothing acked; a consumer
+    left out is still "default"."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"x")
+            last = (await im.event_cursor("default"))[1]
+            assert last > 0
+            for given, said in ((None, "null"), (7, "a number"), (["push"], "an array")):
+                status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": given, "upto": last})
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert doc["error"]["message"] == (f"field 'consumer' must be a string (a consumer id), not {said};"
+                                                   ' leave it out for "default"'), doc
+            assert await im.event_cursor("default") == (0, last)  # nothing acked
+            assert await call(c, "POST", "/v1/events/ack", {"upto": last}) == (200, {"consumer": "default", "cursor": last})
+
+
 async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_taken(tmp_path: Path) -> None:
     """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
     item's "idempotencykey" stored without a key, {"history-visible": true}

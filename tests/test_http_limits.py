@@ -246,6 +246,26 @@ async def test_a_connection_that_never_sends_a_byte_is_closed_after_request_time
             assert 60.0 <= trio.current_time() - t0 < 61.0
 
 
+def test_a_keepalive_timeout_too_short_to_keep_a_connection_alive_is_refused() -> None:
+    """A new user's trial: ``keepalive_timeout = 0.0001`` was taken, and a
+    connection was closed between a request and its next almost at once.
+    At least 0.1 s (HttpConfig and the settings, each naming the setting)."""
+    from pimcore.config import ConfigError, load_settings
+    from pimcore.http import HttpConfig
+
+    for seconds in (0.0001, 0.09, 0.0, -3.0):
+        with pytest.raises(ValueError, match=r"^keepalive_timeout must be >= 0\.1 seconds"):
+            HttpConfig(keepalive_timeout=seconds)
+    assert HttpConfig(keepalive_timeout=0.1).keepalive_timeout == 0.1
+    env = {"PIMCORE_HTTP": "tcp://127.0.0.1:0", "PIMCORE_HTTP_KEEPALIVE_TIMEOUT": "0.0001"}
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env=env)
+    assert str(err.value) == ("http.keepalive_timeout: expected a number >= 0.1, got 0.0001"
+                              " (from $PIMCORE_HTTP_KEEPALIVE_TIMEOUT)"), err.value
+    env["PIMCORE_HTTP_KEEPALIVE_TIMEOUT"] = "0.1"
+    assert load_settings(None, env=env).http_config().keepalive_timeout == 0.1
+
+
 # ---------------------------------------------------------------- M10: refusals counted and logged
 
 

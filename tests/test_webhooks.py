@@ -214,6 +214,39 @@ def test_settings_errors_name_the_key(tmp_path: Path) -> None:
     assert "moderation.secret: cannot be empty" in error(moderation={"url": "http://h/m", "policy": "open", "secret": " "})
 
 
+def test_a_url_with_a_bad_port_or_no_host_is_refused_at_start(tmp_path: Path) -> None:
+    # A new user's trial: https://host:99999/x, https://host:abc/ and a URL
+    # with no host were taken at start and failed only at the first call.
+    from pimcore.webhooks import ModerationConfig, WebhookConfig
+
+    def error(env: Optional[dict[str, str]] = None, **flags) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, env=env or {}, **flags)
+        return str(err.value)
+
+    for url, problem in (("https://host:99999/x", "port 99999 is not 1..65535"),
+                         ("https://host:0/x", "port 0 is not 1..65535"),
+                         ("https://host:abc/", "port 'abc' is not a number"),
+                         ("https://:8080/x", "no host"), ("https:///x", "no host"),
+                         ("https://ho st/x", "the host 'ho st' is not a host name"),
+                         ("https://[::1/x", "not a URL")):
+        msg = error(webhooks={"url": url})
+        assert msg.startswith("webhooks.url: ") and problem in msg, (url, msg)
+        msg = error(moderation={"url": url, "policy": "open"})
+        assert msg.startswith("moderation.url: ") and problem in msg, (url, msg)
+        with pytest.raises(ValueError, match=r"^webhooks\.url: "):
+            WebhookConfig(url=url, secret=b"s")
+        with pytest.raises(ValueError, match=r"^moderation\.url: "):
+            ModerationConfig(url=url, secret=b"s", policy="open")
+    # From the environment, named by its variable; credentials stay redacted.
+    msg = error(env={"PIMCORE_WEBHOOKS_URL": "https://hookuser:hunter2@host:99999/x?token=s3cr3t"})
+    assert "webhooks.url: port 99999 is not 1..65535" in msg and "$PIMCORE_WEBHOOKS_URL" in msg, msg
+    assert "hunter2" not in msg and "s3cr3t" not in msg and "hookuser:<redacted>@host:99999" in msg, msg
+    # Good ones still pass: a port given or not, an IPv6 literal.
+    for url in ("https://host/x", "http://host:8080/x", "http://[::1]:8080/x", "http://127.0.0.1:1/e"):
+        assert load_settings(None, env={}, webhooks={"url": url}).webhook_config(secret=b"s").url == url
+
+
 def test_secret_from_config_env_or_a_generated_private_file(tmp_path: Path) -> None:
     s = load_settings(None, env={}, data_dir=tmp_path, webhooks={"url": "http://h/x"}, moderation={"url": "http://h/m", "policy": "open"})
     assert not (tmp_path / "webhook-secret").exists()  # loading settings creates nothing
@@ -231,6 +264,32 @@ def test_secret_from_config_env_or_a_generated_private_file(tmp_path: Path) -> N
     # Webhooks turn event recording on.
     assert s.server_config().broker.record_events is True
     assert load_settings(None, env={}).server_config().broker.record_events is False
+
+
+def test_events_false_beside_a_webhook_url_is_refused_not_turned_on(tmp_path: Path) -> None:
+    # A new user's trial: ``[server] events = false`` with a ``[webhooks] url``
+    # was turned into events = true without a word.  Left unset, webhooks
+    # still turn it on; said false, it is refused wherever it came from.
+    def error(*, text: Optional[str] = None, env: Optional[dict[str, str]] = None, **flags) -> str:
+        cfg = None
+        if text is not None:
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_settings(str(cfg) if cfg else None, env=env or {}, **flags)
+        return str(err.value)
+
+    msg = error(text='[server]\nevents = false\n[webhooks]\nurl = "http://h/x"\n')
+    assert "server.events: webhooks need the event log" in msg and "events = true, or leave events unset" in msg, msg
+    assert "c.toml" in msg, msg
+    msg = error(env={"PIMCORE_SERVER_EVENTS": "false", "PIMCORE_WEBHOOKS_URL": "http://h/x"})
+    assert "webhooks need the event log" in msg and "$PIMCORE_SERVER_EVENTS" in msg, msg
+    assert "webhooks need the event log" in error(events=False, webhooks={"url": "http://h/x"})
+    for given in ({}, {"events": True}):
+        s = load_settings(None, env={}, webhooks={"url": "http://h/x", "secret": "s"}, **given)
+        assert s.server_config().broker.record_events is True
+    # Without a webhook URL, events = false stays as said.
+    assert load_settings(None, env={}, events=False).server_config().broker.record_events is False
 
 
 def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, capsys) -> None:
@@ -529,6 +588,8 @@ class Moderation(Receiver):
             return 500, b"{}"
         if self.mode == "junk":
             return 200, b'{"allowed": "yes"}'
+        if self.mode == "twice":  # (json.loads took the last: refused, where a reader taking the first allows)
+            return 200, b'{"allow": true, "allow": false}'
         if self.mode == "deny":
             return 200, json.dumps({"allow": False, "reason": "closed for today"}).encode()
         if b"spam" in payload:
@@ -577,12 +638,18 @@ async def test_moderation_allows_and_rejects_with_the_reason(tmp_path: Path) -> 
     assert host["source"] == "host" and host["device"] == "web" and host["conv"] == "team" and int(host["local_id"]) > 0
 
 
-@pytest.mark.parametrize("failure", ["slow", "500", "junk", "down"])
+@pytest.mark.parametrize("failure", ["slow", "500", "junk", "twice", "down"])
 @pytest.mark.parametrize("policy", ["open", "closed"])
-async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, policy: str, failure: str) -> None:
+async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, policy: str, failure: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     """open: the message is stored anyway.  closed: it is refused with
     INTERNAL, which the SDK retries with the same local id -- stored once
-    when the service answers again."""
+    when the service answers again.  An answer giving a key twice
+    ({"allow": true, "allow": false}: a new user's trial, the last one was
+    taken) is no usable answer either."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pimcore.webhooks")
     mod = await Moderation().bind()
     mod.mode = failure if failure != "down" else "ok"
     with trio.fail_after(30):
@@ -615,6 +682,9 @@ async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, p
                     history = await im.history(AB, "bob", from_seq=0, backward=False)
                     assert [(m.seq, m.payload) for m in history] == [(sent.seq, payload)]  # once
             nursery.cancel_scope.cancel()
+    if failure == "twice":
+        said = [getattr(r, "error", "") for r in caplog.records if getattr(r, "event", "") == "moderation_failed"]
+        assert said and said[0] == "the answer gives the key 'allow' twice in one object (give each key once)", said
 
 
 async def test_a_pending_moderation_call_holds_up_only_its_sender(tmp_path: Path) -> None:
@@ -839,9 +909,12 @@ async def test_moderation_has_its_own_time_limit_not_hook_timeout(tmp_path: Path
 async def test_http_api_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
     """POST /v1/conversations/{conv}/messages with a sender: 403 REJECTED
     with the reason; moderation down under the closed policy: 503 INTERNAL
-    (retry with the same Idempotency-Key); as the system: not moderated."""
+    (retry with the same Idempotency-Key); as the system: not moderated.
+    The service is told the post's local id: its Idempotency-Key's, or
+    null without one (it was "0", a local id no post has: a trial)."""
     import httpx
 
+    from pimcore.core import idempotency_local_id
     from pimcore.http import HttpConfig, open_http_server
 
     mod = await Moderation().bind()
@@ -855,9 +928,11 @@ async def test_http_api_posts_as_a_user_are_moderated(tmp_path: Path) -> None:
                     path = "/v1/conversations/team/messages"
                     r = await http.post(path, json={"payload": "buy spam", "sender": "alice"})
                     assert r.status_code == 403 and r.json()["error"]["code"] == "REJECTED" and "no spam here" in r.json()["error"]["message"]
+                    assert "local_id" in mod.asked[-1] and mod.asked[-1]["local_id"] is None, mod.asked[-1]
                     r = await http.post(path, json={"payload": "hi", "sender": "alice"}, headers={"Idempotency-Key": "p1"})
                     assert r.status_code == 201 and r.json()["seq"] == 1
                     assert mod.asked[-1]["device"] == "http" and mod.asked[-1]["source"] == "host"
+                    assert mod.asked[-1]["local_id"] == str(idempotency_local_id("p1"))
                     mod.mode = "500"
                     r = await http.post(path, json={"payload": "again", "sender": "alice"}, headers={"Idempotency-Key": "p2"})
                     assert r.status_code == 503 and r.json()["error"]["code"] == "INTERNAL"

@@ -199,6 +199,18 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING,
 _KIND_NAME = {str: "a string", int: "an integer", list: "an array", bool: "a boolean"}
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in a refusal's words ("null", "a number")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    kinds: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _strings(body: dict[str, Any], name: str) -> list[str]:
     value = _field(body, name, list)
     if not all(isinstance(v, str) for v in value):
@@ -833,7 +845,13 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def ack(request: Request) -> tuple[int, Any]:
         need_events()
         body = _object(request, ("consumer", "upto"))
-        consumer = _field(body, "consumer", str, "default")
+        # (Not _field's null-is-the-default: {"consumer": null} acked as
+        # "default", so a client whose consumer variable was unset moved
+        # another consumer's cursor -- a new user's trial.  Absent is "default".)
+        consumer = body.get("consumer", "default")
+        if not isinstance(consumer, str):
+            raise _bad(f"field 'consumer' must be a string (a consumer id), not {_json_kind(consumer)};"
+                       ' leave it out for "default"')
         upto = _field(body, "upto", int, hi=_U64)
         # The handle clamps an ack past the last event to it: refused here
         # (past_last), nothing acked.

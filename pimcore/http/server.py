@@ -394,6 +394,11 @@ def check_api_key(headers: dict[str, str], keys: tuple[bytes, ...]) -> None:
         raise HttpError(401, "AUTH_FAILED", "the API key is not valid", challenge)
 
 
+#: The shortest ``keepalive_timeout`` taken, in seconds: shorter, a
+#: connection closed before its client's next request could come.
+MIN_KEEPALIVE_TIMEOUT = 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     """The HTTP listener.  ``scheme`` "tcp" or "tls" (``ssl_context``
@@ -408,7 +413,7 @@ class HttpConfig:
     max_header_bytes: int = 16 * 1024
     max_body_bytes: int = 1 << 20
     request_timeout: float = 10.0  # seconds: a whole request once it started, and a response
-    keepalive_timeout: float = 30.0  # seconds of silence between requests
+    keepalive_timeout: float = 30.0  # seconds of silence between requests (>= MIN_KEEPALIVE_TIMEOUT)
     max_connections: int = 1000
     #: Most bytes of one page's JSON (history, conversation list, event
     #: poll) and of one server-sent-events write; a page holds one item
@@ -423,9 +428,14 @@ class HttpConfig:
         for name in ("max_header_bytes", "max_body_bytes", "max_connections", "max_page_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("request_timeout", "keepalive_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds")
+        if not self.request_timeout > 0:
+            raise ValueError("request_timeout must be > 0 seconds")
+        # (A keep-alive shorter than a client's turn-around closed the
+        # connection between a request and its next, 0.0001 s was taken: a
+        # new user's trial.  0.1 s is a turn-around on a slow network.)
+        if not self.keepalive_timeout >= MIN_KEEPALIVE_TIMEOUT:
+            raise ValueError(f"keepalive_timeout must be >= {MIN_KEEPALIVE_TIMEOUT:g} seconds,"
+                             f" got {self.keepalive_timeout:g}")
         for i, key in enumerate(self.api_keys, 1):
             problem = api_key_problem(key)
             if problem is not None:
@@ -525,6 +535,8 @@ REFUSAL_REASONS: dict[str, str] = {
     "headers_too_large": "431 HEADERS_TOO_LARGE: a request head over max_header_bytes",
     "too_many_connections": "503 UNAVAILABLE: max_connections reached",
     "malformed": "400, 501 or 505: not HTTP/1.1 the listener reads (or a body in too many small chunks)",
+    "tls": "400: a TLS handshake (an https:// client) at this plain http:// listener: use http://, or serve the"
+           " API over TLS (a tls:// listener with a certificate)",
     "evicted": "closed unanswered: a connection of the probe reserve (past max_connections) without a whole request,"
                " its slot taken by a newer connection",
 }
@@ -623,6 +635,16 @@ def _request_start(buffered: bytes | bytearray) -> bool:
     return _http_start(bytes(buffered[:8]).lstrip(b"\r\n")[:2])
 
 
+def _tls_hello_start(first: bytes) -> bool:
+    """``first`` (a connection's first bytes) begin a TLS ClientHello: a
+    handshake record (0x16) of record-layer version 3.x (the broker
+    listener's test, net.server._TLS_HELLO_START).  A lone 0x16 too: no
+    request begins with it, and a ClientHello is the one thing that does."""
+    from ..net.server import _TLS_HELLO_START
+
+    return first.startswith(_TLS_HELLO_START) or first == _TLS_HELLO_START[:1]
+
+
 def _phrase(status: int) -> str:
     """The standard reason phrase ("OK", "Not Found"); "" for a status
     http.HTTPStatus does not know."""
@@ -683,6 +705,13 @@ class HttpServer:
         #: What a broker client (binary Login, WebSocket upgrade) is told here.
         self._not_a_broker = f"this is pimcore's HTTP API ({'https' if config.scheme == 'tls' else 'http'}://):" \
                              " not a broker listener"
+        #: What a TLS client at a plain http:// listener is told.  It cannot
+        #: read it as TLS, but its ssl module fails at once on "HTTP/1.1"
+        #: (WRONG_VERSION_NUMBER, which pimcore's CLI and SDK turn into
+        #: "try http://"), and the SDK finds the API's name in the bytes.
+        self._tls_at_plain = ("this is pimcore's HTTP API (http://): a TLS handshake (ClientHello) came to this"
+                              ' plain-HTTP port: use an http:// URL, or serve the API over TLS ([http] listen ='
+                              ' "tls://HOST:PORT" with a certificate)')
 
     @property
     def open_connections(self) -> int:
@@ -849,7 +878,16 @@ class HttpServer:
                 # Answered at once, naming this port (the SDK says so).
                 if reserve is not None:
                     reserve.evictable = False  # (its answer is written, not cut by an eviction)
-                await self._send_error(stream, conn, _Refusal(400, "BAD_REQUEST", self._not_a_broker, "malformed"))
+                if cfg.scheme == "tcp" and _tls_hello_start(wire.first_bytes()):
+                    # An https:// client (curl, a browser, a tls:// SDK URL)
+                    # at this plain port: said as "not a broker listener" and
+                    # counted malformed, the operator was sent the wrong way
+                    # (a new user's trial).  As the broker listener's
+                    # _tls_at_stream says it for its own port.
+                    refusal = _Refusal(400, "BAD_REQUEST", self._tls_at_plain, "tls")
+                else:
+                    refusal = _Refusal(400, "BAD_REQUEST", self._not_a_broker, "malformed")
+                await self._send_error(stream, conn, refusal)
                 return
             try:
                 try:

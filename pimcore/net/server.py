@@ -2531,7 +2531,7 @@ class BrokerServer:
             cmds = self._content_unchecked(cmd, "the content filter did not answer in time; send again later")
         self._run(cmds)
 
-    async def _content_verdict(self, user: str, device: str, conv: str, payload: bytes, local_id: int,
+    async def _content_verdict(self, user: str, device: str, conv: str, payload: bytes, local_id: Optional[int],
                                source: str = "client") -> Optional[tuple[Optional[str], ErrorCode]]:
         """The content filter (plain or async), then -- if it let the
         message through -- the moderation webhook: (None, OK) lets it
@@ -2555,18 +2555,19 @@ class BrokerServer:
             return (None if verdict.reason is None else verdict_reason(verdict.reason)), verdict.code
         return None, ErrorCode.OK
 
-    async def check_content(self, user: str, device: str, conv: str, payload: bytes, local_id: int) -> tuple[Optional[str], ErrorCode]:
+    async def check_content(self, user: str, device: str, conv: str, payload: bytes,
+                            local_id: Optional[int]) -> tuple[Optional[str], ErrorCode]:
         """A host post as a user (:meth:`pimcore.embed.Pimcore.post`) passes
         the checks a client's send does: the content filter, then the
         moderation webhook.  Returns (None, OK), or (reason, REJECTED) for a
         refusal, or (reason, INTERNAL) when no answer came (a filter that
         failed or took longer than hook_timeout; moderation down under the
-        closed policy).  ``local_id`` 0 is a post without an idempotency
-        key; with one, a retry of a stored post is not checked again (the
-        broker answers it as a duplicate)."""
+        closed policy).  ``local_id`` None is a post without an idempotency
+        key (moderation is told null); with one, a retry of a stored post
+        is not checked again (the broker answers it as a duplicate)."""
         if self.config.broker.content_filter is None and self.moderator is None:
             return None, ErrorCode.OK
-        if local_id and await self.stored_before(user, device, local_id):
+        if local_id is not None and await self.stored_before(user, device, local_id):
             return None, ErrorCode.OK
         try:
             verdict = await self._content_verdict(user, device, conv, payload, local_id, "host")
