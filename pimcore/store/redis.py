@@ -130,6 +130,8 @@ from .base import (
     amend_problem,
     amended,
     AckEvents,
+    ConsumerDeleted,
+    DeleteConsumer,
     AckPosition,
     Acked,
     AddMembers,
@@ -1428,6 +1430,13 @@ class RedisStore(AsyncStore):
         tx.put(self._ev, "c:" + op.consumer, cursor)
         return EventsAcked(op.consumer, cursor)
 
+    async def _delete_consumer(self, tx: _Tx, op: DeleteConsumer) -> Result:
+        # (Several writers run it as one HDEL: redis_scripts.ClusterOps.)
+        if await tx.get(self._ev, "c:" + op.consumer) is None:
+            return ConsumerDeleted(op.consumer, False)
+        tx.delete(self._ev, "c:" + op.consumer)
+        return ConsumerDeleted(op.consumer, True)
+
     async def _create_group(self, tx: _Tx, op: CreateGroup) -> Result:
         ck = self._k_conv(op.conv)
         if await tx.get(ck, "grp") is not None:
@@ -2056,6 +2065,7 @@ _HANDLERS: dict[type, Any] = {
     SetPresencePrivacy: RedisStore._set_privacy,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
+    DeleteConsumer: RedisStore._delete_consumer,
     AmendMessage: RedisStore._amend,
     SetConversation: RedisStore._set_conversation,
     SetRetention: RedisStore._set_retention,
