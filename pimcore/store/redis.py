@@ -1956,9 +1956,22 @@ class RedisStore(AsyncStore):
             page.append(StoredEvent(i, int(t), bytes(data)))
         consumers: tuple[tuple[str, int], ...] = ()
         if op.limit == 0:
-            consumers = tuple(sorted((f[2:], int(v)) for f, v in (await tx.getall(self._ev)).items()
-                                     if f.startswith("c:")))
+            consumers = tuple(sorted((await self._event_cursors()).items()))
         return EventsPage(cursor, tuple(page), last, consumers)
+
+    async def _event_cursors(self) -> dict[str, int]:
+        """consumer -> durable cursor.  HSCAN of the "c:" fields only: the
+        hash holds every event kept too, which HGETALL would send whole (for
+        each outbox-depth scrape and consumer listing).  A field HSCAN
+        returns twice (a rehash between pages) is one entry."""
+        out: dict[str, int] = {}
+        cursor = 0
+        while True:
+            cursor, found = await self._call(lambda c=cursor: self._r.hscan(self._ev, c, match="c:*", count=1000))
+            for f, v in found.items():
+                out[(f.decode() if isinstance(f, bytes) else f)[2:]] = int(v)
+            if not cursor:
+                return out
 
     # -- the Store read methods, awaited (for tools and tests) --------------
 
