@@ -1327,7 +1327,10 @@ async def test_an_operator_lists_event_consumers_and_deletes_a_stray_one(tmp_pat
                 200, {"consumer": "push", "cursor": doc["next"]})
             assert await call(c, "GET", "/v1/events/consumers") == (200, {"consumers": [
                 {"consumer": "psuh", "cursor": 0}, {"consumer": "push", "cursor": doc["next"]}], "more": False})
+            series = 'pimcore_event_outbox_depth{consumer="psuh"}'
+            assert series in (await c.request("GET", "/metrics"))[2].decode()
             assert await call(c, "DELETE", "/v1/events/consumers/psuh") == (200, {"consumer": "psuh", "deleted": True})
+            assert series not in (await c.request("GET", "/metrics"))[2].decode()  # its series is gone too
             status, err = await call(c, "DELETE", "/v1/events/consumers/psuh")
             assert_error(status, err, 404, "NO_SUCH_CONSUMER")
             assert "'psuh'" in err["error"]["message"]
