@@ -30,8 +30,8 @@ import weakref
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Optional, Sequence,
-                    Union)
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Optional,
+                    Sequence, Union)
 
 import trio
 
@@ -78,8 +78,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "ConsumerInUse", "UserPresence", "Retention", "Purged", "BrokerStopped",
-    "MIN_RETENTION_AGE", "MAX_EVENTS_PAGE", "MAX_EVENT_CONSUMERS",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "ConsumerInUse", "UserPresence", "Retention", "Purged",
+    "BrokerStopped", "MIN_RETENTION_AGE", "MAX_EVENTS_PAGE", "MAX_EVENT_CONSUMERS",
 ]
 
 _log = logging.getLogger("pimcore.net")

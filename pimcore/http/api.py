@@ -882,8 +882,8 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         # One more than shown says whether there are more (a broker has a
         # few; the answer stays bounded whatever a store holds).
         listed = await handle.event_consumers(MAX_LISTED_CONSUMERS + 1)
-        return 200, {"consumers": [{"consumer": name, "cursor": cursor} for name, cursor in listed[:MAX_LISTED_CONSUMERS]],
-                     "more": len(listed) > MAX_LISTED_CONSUMERS}
+        shown = [{"consumer": name, "cursor": cursor} for name, cursor in listed[:MAX_LISTED_CONSUMERS]]
+        return 200, {"consumers": shown, "more": len(listed) > MAX_LISTED_CONSUMERS}
 
     async def delete_consumer(request: Request) -> tuple[int, Any]:
         need_events()

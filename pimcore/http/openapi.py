@@ -146,7 +146,8 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
     ("POST", "/v1/events/ack", "Move a consumer's durable cursor", _obj(("upto",), consumer=_STR, upto=_U64), (),
      200, _obj(consumer=_STR, cursor=_INT)),
     ("GET", "/v1/events/consumers",
-     "Every event consumer with a durable cursor, sorted by name (the first 1000: `more` says there are others), to find a stray one",
+     "Every event consumer with a durable cursor, sorted by name (the first 1000: `more` says there are others),"
+     " to find a stray one",
      None, (), 200, _obj(("consumers", "more"), consumers={"type": "array", "items": _obj(
          ("consumer", "cursor"), consumer=_STR, cursor=_INT)}, more=_BOOL)),
     ("DELETE", "/v1/events/consumers/{consumer}",

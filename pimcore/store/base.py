@@ -1397,8 +1397,8 @@ class Purged:
 
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, ConsumerDeleted, EventsPage, DevicesPage, Deduped, ConversationsPage,
-    ConversationSet, PresencePrivacySet, PresencePage, RetentionSet, RetentionState, Expired, Purged,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, ConsumerDeleted, EventsPage, DevicesPage, Deduped,
+    ConversationsPage, ConversationSet, PresencePrivacySet, PresencePage, RetentionSet, RetentionState, Expired, Purged,
 ]
 
 

@@ -3298,8 +3298,10 @@ class LmdbStore(Store):
                 wrote = True
             elif kind is GroupChanged and result.entries:  # type: ignore[union-attr]
                 wrote = True  # (the entries moved the hwm themselves)
-            elif kind is EventAppended or kind is EventsAcked or (kind is ConsumerDeleted and result.deleted):  # type: ignore[union-attr]
+            elif kind is EventAppended or kind is EventsAcked:
                 wrote = True
+            elif kind is ConsumerDeleted and result.deleted:  # type: ignore[union-attr]
+                wrote = True  # (deleted False: nothing changed)
             results.append(result)
         w.flush()
         if w.hwm != stored:
