@@ -63,6 +63,7 @@ extern "Python" int _pim_py_unread(int64_t id, const char *user, const char *con
 extern "Python" int _pim_py_set_event_cb(int64_t id, const char *consumer, void *cb, void *userdata,
                                          unsigned flags);
 extern "Python" int _pim_py_ack(int64_t id, const char *consumer, uint64_t upto, uint64_t *out_cursor);
+extern "Python" int _pim_py_delete_consumer(int64_t id, const char *consumer, int *out_deleted);
 """
 
 

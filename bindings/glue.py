@@ -58,7 +58,7 @@ def _pim_glue_main(ffi, lib):
     from pimcore._util import DuplicateKey, TooManyDigits, read_json
     from pimcore.config import ConfigError
     from pimcore.errors import ErrorCode, PimError, StoreError
-    from pimcore.embed import RequestRefused
+    from pimcore.embed import ConsumerInUse, RequestRefused
     from pimcore.ids import _show
     from pimcore.threaded import BrokerAlreadyRunning, BrokerStopped, WouldDeadlock, open_pimcore_thread
 
@@ -91,6 +91,8 @@ def _pim_glue_main(ffi, lib):
             return CONFIG
         if isinstance(exc, RequestRefused):
             return refusals.get(exc.code, REFUSED)
+        if isinstance(exc, ConsumerInUse):  # (pim_delete_consumer: a reader of it runs)
+            return REFUSED
         if isinstance(exc, StoreError):
             return STORE
         if isinstance(exc, LookupError):
@@ -395,6 +397,13 @@ def _pim_glue_main(ffi, lib):
         cursor = broker(bid).ack_events(upto, text(consumer, "consumer"))
         if out_cursor != ffi.NULL:
             out_cursor[0] = cursor
+        return OK
+
+    @entry
+    def _pim_py_delete_consumer(bid, consumer, out_deleted):
+        deleted = broker(bid).delete_consumer(text(consumer, "consumer"))
+        if out_deleted != ffi.NULL:
+            out_deleted[0] = 1 if deleted else 0
         return OK
 
 

@@ -338,6 +338,17 @@ PIM_EXPORT int pim_set_event_callback(pim_broker *b, const char *consumer, pim_e
  * Errors: PIM_ERR_INVALID (no events, consumer not a valid id),
  * PIM_ERR_STORE, PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto, uint64_t *out_cursor);
+/* Delete consumer's (NULL: "default") durable cursor -- a name read once by
+ * mistake holds the reclaim of every later event back: the reclaim stops
+ * waiting for it, and a later read of the name starts a fresh cursor at 0,
+ * as a first read does.  No event is touched; durable when this returns.
+ * *out_deleted (may be NULL) gets 1 if it had a cursor, 0 if it had none
+ * (nothing changed; PIM_OK either way).
+ * Errors: PIM_ERR_INVALID (no events, consumer not a valid id),
+ * PIM_ERR_REFUSED (the consumer is in use: its event callback is set, or
+ * another reader of this broker reads it -- remove the callback first;
+ * nothing deleted), PIM_ERR_STORE, PIM_ERR_STOPPED. */
+PIM_EXPORT int pim_delete_consumer(pim_broker *b, const char *consumer, int *out_deleted);
 
 /* Free memory the library returned (pim_token_issue).  NULL is a no-op. */
 PIM_EXPORT void pim_free(void *p);

@@ -314,6 +314,7 @@ static int _pim_py_token(int64_t id, const char *user, const char *device, int64
 static int _pim_py_unread(int64_t id, const char *user, const char *conv, uint64_t *out);
 static int _pim_py_set_event_cb(int64_t id, const char *consumer, void *cb, void *userdata, unsigned flags);
 static int _pim_py_ack(int64_t id, const char *consumer, uint64_t upto, uint64_t *out_cursor);
+static int _pim_py_delete_consumer(int64_t id, const char *consumer, int *out_deleted);
 
 /* The glue calls event callbacks through this (cffi releases the GIL around it). */
 static int _pim_invoke_event_cb(void *cb, const pim_event *ev, void *userdata)
@@ -545,4 +546,10 @@ PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto
 {
     PIM__ENTER(b);
     return _pim_py_ack(b->id, consumer ? consumer : "default", upto, out_cursor);
+}
+
+PIM_EXPORT int pim_delete_consumer(pim_broker *b, const char *consumer, int *out_deleted)
+{
+    PIM__ENTER(b);
+    return _pim_py_delete_consumer(b->id, consumer ? consumer : "default", out_deleted);
 }

@@ -334,6 +334,16 @@ class AsyncPimcore:
     async def ack_events(self, upto: int, consumer: str = "default") -> int:
         return await self._call(self.handle.ack_events, upto, consumer)
 
+    async def delete_consumer(self, consumer: str = "default") -> bool:
+        return await self._call(self.handle.delete_consumer, consumer)
+
+    async def event_consumers(self, limit: int = embed.MAX_EVENT_CONSUMERS) -> list[tuple[str, int]]:
+        return await self._call(self.handle.event_consumers, limit)
+
+    def consumer_in_use(self, consumer: str) -> bool:
+        """As :meth:`pimcore.embed.Pimcore.consumer_in_use` (does not wait)."""
+        return self.handle.consumer_in_use(consumer)
+
 
 class AsyncEventStream:
     """Host events for asyncio code.  Each page is fetched in trio with
@@ -344,6 +354,7 @@ class AsyncEventStream:
     def __init__(self, api: AsyncPimcore, consumer: str, after: Optional[int], limit: int) -> None:
         self._api = api
         self.consumer = consumer
+        api.handle._track_reader(self, consumer)  # a live reader until let go (delete_consumer refuses it)
         self.after = after
         self._limit = limit
         self._buf: list[HostEvent] = []

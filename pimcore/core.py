@@ -75,6 +75,7 @@ from .ids import DIRECT_PREFIX, SYSTEM, _show, direct_conversation, direct_membe
 from .protocol import Compression, ServerSession, UnexpectedFrame
 from .store.base import (
     AckEvents,
+    DeleteConsumer,
     AppendEvent,
     event_data,
     AckPosition,
@@ -2536,6 +2537,16 @@ class Broker:
         once it is durable (EventsAcked with the cursor now in force, or
         Rejected: BAD_REQUEST, STORE_UNAVAILABLE)."""
         return self._admin(AckEvents(consumer, upto), ref, now)
+
+    def delete_consumer(self, consumer: str, now: int, *, ref: int = 0) -> list[Command]:
+        """Control plane: delete host event consumer ``consumer``'s durable
+        cursor (:class:`DeleteConsumer`, an op of the next batch): the
+        reclaim stops waiting for it.  :class:`AdminDone` with ``ref``
+        carries the store's answer once it is durable (ConsumerDeleted,
+        ``deleted`` False when it had none, or Rejected: BAD_REQUEST,
+        STORE_UNAVAILABLE).  Whether a reader still reads it is the host's
+        to know (pimcore.embed refuses a consumer in use)."""
+        return self._admin(DeleteConsumer(consumer), ref, now)
 
     def _event(self, type_: str, **fields: Any) -> None:
         if self.config.record_events:

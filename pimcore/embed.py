@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import itertools
 import json
 import logging
+import threading
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+import weakref
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Optional,
+                    Sequence, Union)
 
 import trio
 
@@ -43,6 +47,8 @@ from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, _show, conversation_problem,
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
+    ConsumerDeleted,
+    DeleteConsumer,
     EventsAcked,
     EventsPage,
     ReadEvents,
@@ -72,8 +78,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "open_pimcore", "Pimcore", "RequestRefused", "Posted", "Conversation", "ConversationListPage", "ReadPositions", "DevicePosition",
-    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "UserPresence", "Retention", "Purged", "BrokerStopped",
-    "MIN_RETENTION_AGE", "MAX_EVENTS_PAGE",
+    "HostEvent", "EventStream", "SYSTEM", "EventsDisabled", "ConsumerInUse", "UserPresence", "Retention", "Purged",
+    "BrokerStopped", "MIN_RETENTION_AGE", "MAX_EVENTS_PAGE", "MAX_EVENT_CONSUMERS",
 ]
 
 _log = logging.getLogger("pimcore.net")
@@ -91,6 +97,10 @@ MIN_RETENTION_AGE = 60 * 1_000_000
 #: Most host events one :meth:`Pimcore.next_events` page holds (``limit``),
 #: as ``GET /v1/events``'s ``limit``.
 MAX_EVENTS_PAGE = 10_000
+
+#: Most consumers :meth:`Pimcore.event_consumers` lists (sorted by name):
+#: a broker has a few, an answer stays bounded whatever the store holds.
+MAX_EVENT_CONSUMERS = 10_000
 
 #: Longest token lifetime :meth:`Pimcore.issue_token` issues (s): 366 days.
 MAX_TOKEN_TTL = 366 * 24 * 3600
@@ -162,6 +172,22 @@ class EventsDisabled(PimError, ValueError):
 
     def __init__(self) -> None:
         super().__init__(EVENTS_DISABLED)
+
+
+class ConsumerInUse(PimError, RuntimeError):
+    """:meth:`Pimcore.delete_consumer` refused: ``consumer`` has a live
+    reader in this broker -- an open :meth:`Pimcore.events` stream, a
+    :meth:`Pimcore.next_events` call waiting, an event handler
+    (``set_event_handler``), the webhook sender, an HTTP ``/v1/events``
+    long-poll or stream.  Deleting its cursor under it would restart it
+    from 0 at its next read, silently: stop the reader first.  Nothing
+    was deleted."""
+
+    def __init__(self, consumer: str) -> None:
+        super().__init__(f"delete_consumer: consumer {_show(consumer)} is in use by a reader of this broker (an open"
+                         " events() stream, a next_events() call, an event handler, the webhook sender, an HTTP"
+                         " /v1/events long-poll or stream): stop it first, or its next read restarts from 0")
+        self.consumer = consumer
 
 
 #: The message of :class:`EventsDisabled` (and of the HTTP API's 409
@@ -341,6 +367,7 @@ class EventStream:
     def __init__(self, handle: "Pimcore", consumer: str, after: Optional[int], limit: int) -> None:
         self._handle = handle
         self.consumer = consumer
+        handle._track_reader(self, consumer)  # a live reader until let go
         #: The id of the last event handed out (None: not started yet).
         self.after = after
         self._limit = limit
@@ -397,6 +424,12 @@ class Pimcore:
         self._started = time.monotonic()
         self._ids = itertools.count(1)
         self._held: set[str] = set()  # consumers whose durable cursor this handle made sure of
+        #: consumer -> its live readers in this broker (streams, waiting
+        #: calls, handlers, HTTP readers): delete_consumer refuses those.
+        #: A lock, not the trio loop: a stream is let go (weakref.finalize)
+        #: in whatever thread drops it last -- an asyncio or threaded host's.
+        self._readers: dict[str, int] = {}
+        self._readers_lock = threading.Lock()
         #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
         self.http: Optional[Any] = None
         #: The event webhook sender (pimcore.webhooks.WebhookSender) when ``[webhooks]`` is configured.
@@ -1204,6 +1237,10 @@ class Pimcore:
         self._need_events()
         _check_consumer(consumer, "events")
         _check_page(after, limit)
+        with self._reading(consumer):
+            return await self._next_events(consumer, after, limit)
+
+    async def _next_events(self, consumer: str, after: Optional[int], limit: int) -> tuple[int, list[HostEvent]]:
         if after is None:
             await self._hold_events(consumer)
         while True:
@@ -1274,6 +1311,97 @@ class Pimcore:
             raise RequestRefused(result.code, f"ack_events {_show(consumer)}: {result.code.name}")
         assert isinstance(result, EventsAcked)
         return result.cursor
+
+    async def delete_consumer(self, consumer: str = "default") -> bool:
+        """Delete ``consumer``'s durable cursor (a name read by mistake, a
+        test's, a retired reader's): the periodic reclaim stops waiting for
+        it -- what every other consumer acked is dropped -- and it leaves
+        :meth:`event_consumers` and the ``pimcore_event_outbox_depth``
+        metric.  No event is touched.  Reading the name again later creates
+        a fresh cursor at 0, as a first read does (from the oldest event
+        kept).  Durable when this returns.  Returns True if it had a
+        cursor, False if there was none (nothing changed).
+        Raises EventsDisabled when the broker records none,
+        :class:`ConsumerInUse` while a reader of this broker reads it (an
+        open :meth:`events` stream, a waiting :meth:`next_events`, an event
+        handler, the webhook sender, an HTTP long-poll or stream -- a reader
+        of another broker sharing the store cannot be seen: stop it first),
+        RequestRefused (BAD_REQUEST: an invalid consumer name), StoreError.
+        Nothing is deleted then.  (Readers are checked when it is called: one
+        that starts while the delete is in flight is not refused.)"""
+        self._need_events()
+        _check_consumer(consumer, "delete_consumer")
+        if self.consumer_in_use(consumer):
+            # A stream let go inside a reference cycle (a cancelled task's
+            # traceback holds its frame) counts until the cycle collector
+            # runs: once, here -- a rare operator call, not a hot path.
+            gc.collect()
+            if self.consumer_in_use(consumer):
+                raise ConsumerInUse(consumer)
+        result = await self.server.host_call(self.server.broker.delete_consumer, consumer)
+        # Whatever the answer: a later read must make sure of a cursor again.
+        self._held.discard(consumer)
+        if isinstance(result, Rejected):
+            if result.code is ErrorCode.STORE_UNAVAILABLE:
+                raise _store_failed("consumer delete", self.server.store_failure_cause())
+            raise RequestRefused(result.code, f"delete_consumer {_show(consumer)}: {result.code.name}")
+        assert isinstance(result, ConsumerDeleted)
+        return result.deleted
+
+    async def event_consumers(self, limit: int = MAX_EVENT_CONSUMERS) -> list[tuple[str, int]]:
+        """Every consumer with a durable cursor, as (name, cursor), sorted
+        by name, at most ``limit`` (1 .. :data:`MAX_EVENT_CONSUMERS`): how
+        an operator finds a stray one to :meth:`delete_consumer`.  A store
+        keeps a broker's few consumers in one small table, read whole.
+        Raises EventsDisabled when the broker records none."""
+        self._need_events()
+        if type(limit) is not int or not 1 <= limit <= MAX_EVENT_CONSUMERS:
+            raise RequestRefused(ErrorCode.BAD_REQUEST,
+                                 f"event_consumers: limit must be 1..{MAX_EVENT_CONSUMERS}, not {limit!r}")
+        page = await self._read_one(ReadEvents("default", None, 0))
+        assert isinstance(page, EventsPage)
+        return list(page.consumers[:limit])
+
+    def consumer_in_use(self, consumer: str) -> bool:
+        """Does a reader of this broker read ``consumer`` now (what
+        :meth:`delete_consumer` refuses: :class:`ConsumerInUse`)?"""
+        with self._readers_lock:
+            return self._readers.get(consumer, 0) > 0
+
+    def _reader(self, consumer: str) -> Callable[[], None]:
+        """Count a live reader of ``consumer``; returns its release (once)."""
+        with self._readers_lock:
+            self._readers[consumer] = self._readers.get(consumer, 0) + 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            with self._readers_lock:
+                if done:
+                    return
+                done = True
+                left = self._readers[consumer] - 1
+                if left:
+                    self._readers[consumer] = left
+                else:
+                    del self._readers[consumer]  # (not kept per consumer ever read)
+
+        return release
+
+    @contextmanager
+    def _reading(self, consumer: str) -> Iterator[None]:
+        """``consumer`` has a live reader for the block (a call, a handler,
+        an HTTP long-poll or stream)."""
+        release = self._reader(consumer)
+        try:
+            yield
+        finally:
+            release()
+
+    def _track_reader(self, stream: object, consumer: str) -> None:
+        """``stream`` reads ``consumer`` until it is let go (collected): an
+        iterator has no close a host would call."""
+        weakref.finalize(stream, self._reader(consumer))
 
     # ------------------------------------------------------------ streams
 

@@ -580,6 +580,21 @@ class ThreadedPimcore:
         assert self.handle is not None
         return self._call(self.handle.ack_events, upto, consumer)
 
+    def delete_consumer(self, consumer: str = "default") -> bool:
+        """As :meth:`pimcore.embed.Pimcore.delete_consumer` (ConsumerInUse
+        while a handler of it is set: remove it first)."""
+        assert self.handle is not None
+        return self._call(self.handle.delete_consumer, consumer)
+
+    def event_consumers(self, limit: int = embed.MAX_EVENT_CONSUMERS) -> list[tuple[str, int]]:
+        assert self.handle is not None
+        return self._call(self.handle.event_consumers, limit)
+
+    def consumer_in_use(self, consumer: str) -> bool:
+        """As :meth:`pimcore.embed.Pimcore.consumer_in_use` (does not block)."""
+        assert self.handle is not None
+        return self.handle.consumer_in_use(consumer)
+
     # ------------------------------------------------------------ event handlers
 
     def set_event_handler(self, handler: Optional[EventHandler], consumer: str = "default", *, on_loop: bool = False) -> None:
@@ -677,6 +692,9 @@ class ThreadedPimcore:
         handle = self.handle
         assert handle is not None
         ended = trio.Event()
+        # A live reader of the consumer from before this handler is set until
+        # it is removed: delete_consumer refuses it meanwhile.
+        reading = handle._reader(consumer)
         try:
             with trio.CancelScope() as scope:
                 task_status.started((scope, ended))
@@ -703,6 +721,7 @@ class ThreadedPimcore:
         except Exception:  # noqa: BLE001 - a store failure ends this dispatcher, not the broker
             _log.exception("pimcore event dispatcher for %r ended", consumer)
         finally:
+            reading()
             ended.set()
             entry = self._handlers.get(consumer)
             if entry is not None and entry[1] is ended:

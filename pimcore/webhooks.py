@@ -300,36 +300,38 @@ class WebhookSender:
         cfg = self.config
         started = False
         failures = 0
-        async with _client(cfg.timeout) as client:
-            while True:
-                try:
-                    if not started:
-                        cursor = await self.handle.ack_events(0, self.consumer)
-                        started = True
-                        log.info("webhook: delivering events after id %d to %s", cursor, shown_url(cfg.url),
-                                 extra={"event": "webhook_started", "url": shown_url(cfg.url), "cursor": cursor})
-                        task_status.started()
-                    _, page = await self.handle.next_events(self.consumer, limit=cfg.batch_size)
-                    from .embed import fresh_page
+        # A live reader of its consumer: delete_consumer refuses it.
+        with self.handle._reading(self.consumer):
+            async with _client(cfg.timeout) as client:
+                while True:
+                    try:
+                        if not started:
+                            cursor = await self.handle.ack_events(0, self.consumer)
+                            started = True
+                            log.info("webhook: delivering events after id %d to %s", cursor, shown_url(cfg.url),
+                                     extra={"event": "webhook_started", "url": shown_url(cfg.url), "cursor": cursor})
+                            task_status.started()
+                        _, page = await self.handle.next_events(self.consumer, limit=cfg.batch_size)
+                        from .embed import fresh_page
 
-                    body, first, upto, count = self._batch(await fresh_page(self.handle, page))
-                    if body is not None:
-                        failures = await self._deliver(client, body, first, upto, count, failures)
-                    await self.handle.ack_events(upto, self.consumer)
-                    failures = 0
-                except StoreError as exc:
-                    if not started:
-                        # No cursor, no delivery: the host learns it now, from
-                        # open_pimcore / serve start-up, rather than waiting
-                        # behind retries that may never succeed.
-                        raise
-                    # The event log cannot be read or the cursor not moved:
-                    # whatever was not acked is read (and sent) again.
-                    failures += 1
-                    delay = backoff_delay(failures, cfg.retry_base, cfg.retry_cap, self._rng)
-                    log.warning("webhook: the event log failed (%s); again in %.1f s", exc, delay,
-                                extra={"event": "webhook_failed", "error": str(exc), "delay": delay})
-                    await trio.sleep(delay)
+                        body, first, upto, count = self._batch(await fresh_page(self.handle, page))
+                        if body is not None:
+                            failures = await self._deliver(client, body, first, upto, count, failures)
+                        await self.handle.ack_events(upto, self.consumer)
+                        failures = 0
+                    except StoreError as exc:
+                        if not started:
+                            # No cursor, no delivery: the host learns it now, from
+                            # open_pimcore / serve start-up, rather than waiting
+                            # behind retries that may never succeed.
+                            raise
+                        # The event log cannot be read or the cursor not moved:
+                        # whatever was not acked is read (and sent) again.
+                        failures += 1
+                        delay = backoff_delay(failures, cfg.retry_base, cfg.retry_cap, self._rng)
+                        log.warning("webhook: the event log failed (%s); again in %.1f s", exc, delay,
+                                    extra={"event": "webhook_failed", "error": str(exc), "delay": delay})
+                        await trio.sleep(delay)
 
     def _batch(self, page: list[Any]) -> tuple[Optional[bytes], int, int, int]:
         """(body or None if every event was filtered out, first id sent,

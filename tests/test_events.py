@@ -20,7 +20,7 @@ import trio
 from pimcore import frames as F
 from pimcore.client import open_client
 from pimcore.core import BrokerConfig
-from pimcore.embed import RequestRefused, open_pimcore
+from pimcore.embed import EventsDisabled, RequestRefused, open_pimcore
 from pimcore.errors import CloseCode, ErrorCode
 from pimcore.store import LmdbStore, MemoryStore, direct_conversation
 from pimcore.store.base import (
@@ -535,3 +535,113 @@ async def test_reading_after_an_id_past_the_last_event_is_refused_not_a_silent_s
             await im.post("team", b"m1")
             _, page = await im.next_events("c", after=last)
             assert page[0].id == last + 1
+
+
+# ---------------------------------------------------------------- deleting a consumer
+
+
+async def test_delete_consumer_frees_the_reclaim_a_stray_reader_held(tmp_path: Path) -> None:
+    """A consumer name read once by mistake (a typo) held the reclaim of
+    every later event back for 90 days and nothing could delete it.
+    delete_consumer removes its cursor (True; False once gone), events the
+    real consumer acked are reclaimed, and the name read again starts from
+    a fresh cursor at 0, as a first read does."""
+    from pimcore.embed import ConsumerInUse
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02, dedupe_window=0) as im:
+            await im.create_group("team", ["alice", "bob"])
+            await im.set_retention("team", max_count=1)  # its floor shows a reclaim pass ran
+            for i in range(3):
+                await im.post("team", b"m%d" % i)
+            typo = im.events("hots")
+            assert (await typo.__anext__()).id == 1  # read, never acked: a cursor at 0
+            # An open stream is a live reader: deleting under it would
+            # restart it from 0 silently.
+            with pytest.raises(ConsumerInUse) as refused:
+                await im.delete_consumer("hots")
+            assert refused.value.consumer == "hots" and "hots" in str(refused.value)
+            del typo  # the stream let go: no reader left
+            assert ("hots", 0) in await im.event_consumers()
+            _, last = await im.event_cursor("host")
+            assert await im.ack_events(last, "host") == last
+            await im.post("team", b"m3")
+            while (await im.retention("team")).floor < 3:
+                await trio.sleep(0.01)
+            assert (await im.events(after=0).__anext__()).id == 1  # held back by "hots"
+            assert await im.delete_consumer("hots") is True
+            assert await im.delete_consumer("hots") is False  # no such consumer (any more)
+            assert await im.delete_consumer("never-read") is False
+            assert [c for c, _ in await im.event_consumers()] == ["host"]
+            await im.post("team", b"m4")
+            while (await im.retention("team")).floor < 4:
+                await trio.sleep(0.01)
+            first = (await im.events(after=0).__anext__()).id
+            assert first > last  # what "host" acked is gone now
+            # The name again: a new consumer, from a fresh cursor at 0 (the
+            # oldest event kept), its cursor made by the read as the first was.
+            assert (await im.events("hots").__anext__()).id == first
+            assert dict(await im.event_consumers())["hots"] == 0
+            # A stream let go inside a reference cycle (a cancelled task's
+            # traceback) is no reader once the cycle collector runs: the
+            # delete runs it rather than refuse.
+            import gc
+
+            gc.disable()
+            try:
+                cycle: list = [im.events("cyc")]
+                cycle.append(cycle)
+                del cycle
+                assert im.consumer_in_use("cyc")
+                assert await im.delete_consumer("cyc") is False
+            finally:
+                gc.enable()
+            # An invalid name says the rule, as ack_events does.
+            with pytest.raises(RequestRefused) as bad:
+                await im.delete_consumer("no spaces")
+            assert bad.value.code is ErrorCode.BAD_REQUEST and "delete_consumer" in str(bad.value)
+
+
+async def test_delete_consumer_refuses_a_consumer_a_reader_is_waiting_on(tmp_path: Path) -> None:
+    from pimcore.embed import ConsumerInUse
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "d", events=True) as im:
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"m0")
+            _, last = await im.event_cursor("poller")
+            await im.ack_events(last, "poller")
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: im.next_events("poller"))  # caught up: waits (a long-poll)
+                await trio.sleep(0.05)
+                with pytest.raises(ConsumerInUse):
+                    await im.delete_consumer("poller")
+                n.cancel_scope.cancel()
+            assert await im.delete_consumer("poller") is True  # the poll ended: deleted
+        async with open_pimcore(data_dir=tmp_path / "d") as im:
+            with pytest.raises(EventsDisabled):
+                await im.delete_consumer("poller")
+            with pytest.raises(EventsDisabled):
+                await im.event_consumers()
+
+
+def test_asyncio_handle_deletes_a_consumer_and_refuses_one_with_an_open_stream(tmp_path: Path) -> None:
+    import pimcore.asyncio as pa
+    from pimcore.embed import ConsumerInUse
+
+    async def main() -> None:
+        async with pa.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"p0")
+            stream = im.events("typo")
+            assert (await asyncio.wait_for(stream.__anext__(), 10)).type == "message"
+            with pytest.raises(ConsumerInUse):
+                await im.delete_consumer("typo")
+            assert dict(await im.event_consumers()) == {"typo": 0}
+            del stream
+            assert await im.delete_consumer("typo") is True
+            assert await im.event_consumers() == []
+            with pytest.raises(RequestRefused):
+                await im.delete_consumer("no spaces")
+
+    asyncio.run(main())

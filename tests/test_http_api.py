@@ -599,7 +599,9 @@ async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path
             await im.create_group("team", ["alice"])
             await im.post("team", b"hello")
             for method, path, body in (("GET", "/v1/events", None), ("GET", "/v1/events?wait=25", None),
-                                       ("GET", "/v1/events/stream", None), ("POST", "/v1/events/ack", {"upto": 5})):
+                                       ("GET", "/v1/events/stream", None), ("POST", "/v1/events/ack", {"upto": 5}),
+                                       ("GET", "/v1/events/consumers", None),
+                                       ("DELETE", "/v1/events/consumers/push", None)):
                 status, doc = await call(c, method, path, body)
                 assert_error(status, doc, 409, "EVENTS_DISABLED")
                 assert "[server] events = true" in doc["error"]["message"] and "PIMCORE_SERVER_EVENTS" in doc["error"]["message"]
@@ -611,6 +613,8 @@ async def test_events_endpoints_answer_409_when_the_broker_records_none(tmp_path
                 await im.ack_events(5, "push")
             with pytest.raises(EventsDisabled):
                 im.events("push")
+            with pytest.raises(EventsDisabled):
+                await im.delete_consumer("push")
 
 
 async def test_refusals_say_what_was_wrong(tmp_path: Path) -> None:
@@ -1300,3 +1304,64 @@ async def test_unread_leaves_out_a_message_deleted_for_oneself_and_an_unknown_co
                 200, {"user": "carol", "conv": "team", "unread": 0})
             assert await call(c, "GET", "/v1/users/carol/unread?conv=d:carol:ua1") == (
                 200, {"user": "carol", "conv": "d:carol:ua1", "unread": 0})
+
+
+async def test_an_operator_lists_event_consumers_and_deletes_a_stray_one(tmp_path: Path) -> None:
+    """A consumer name read once by mistake held the reclaim of every later
+    event back for 90 days, and "there is no call to delete one".  Now GET
+    /v1/events/consumers lists the cursors and DELETE
+    /v1/events/consumers/{consumer} removes one: 404 NO_SUCH_CONSUMER when
+    there is none, 409 CONSUMER_IN_USE while a stream, a long-poll or an
+    embedding reader reads it, 400 for an invalid name."""
+    from test_http import Http
+    from test_http_batch_sse import Sse
+
+    with trio.fail_after(30):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"m0")
+            assert await call(c, "GET", "/v1/events/consumers") == (200, {"consumers": [], "more": False})
+            assert (await call(c, "GET", "/v1/events?consumer=psuh"))[0] == 200  # a typo: read once, never acked
+            status, doc = await call(c, "GET", "/v1/events?consumer=push")
+            assert await call(c, "POST", "/v1/events/ack", {"consumer": "push", "upto": doc["next"]}) == (
+                200, {"consumer": "push", "cursor": doc["next"]})
+            assert await call(c, "GET", "/v1/events/consumers") == (200, {"consumers": [
+                {"consumer": "psuh", "cursor": 0}, {"consumer": "push", "cursor": doc["next"]}], "more": False})
+            series = 'pimcore_event_outbox_depth{consumer="psuh"}'
+            assert series in (await c.request("GET", "/metrics"))[2].decode()
+            assert await call(c, "DELETE", "/v1/events/consumers/psuh") == (200, {"consumer": "psuh", "deleted": True})
+            assert series not in (await c.request("GET", "/metrics"))[2].decode()  # its series is gone too
+            status, err = await call(c, "DELETE", "/v1/events/consumers/psuh")
+            assert_error(status, err, 404, "NO_SUCH_CONSUMER")
+            assert "'psuh'" in err["error"]["message"]
+            assert await call(c, "GET", "/v1/events/consumers") == (200, {"consumers": [
+                {"consumer": "push", "cursor": doc["next"]}], "more": False})
+            status, err = await call(c, "DELETE", "/v1/events/consumers/bad%20name")
+            assert_error(status, err, 400, "BAD_REQUEST")
+            assert "consumer" in err["error"]["message"]
+            # An open SSE stream reads "push": 409, nothing deleted; once it
+            # is gone (the server finds the disconnect at its next write), 200.
+            s = await Sse.open(h.url, "/v1/events/stream?consumer=push&keepalive=0.05")
+            await s.block()  # the stream's opening comment: it runs
+            assert_error(*await call(c, "DELETE", "/v1/events/consumers/push"), 409, "CONSUMER_IN_USE")
+            await s.aclose()
+            while im.consumer_in_use("push"):
+                await trio.sleep(0.02)
+            assert await call(c, "DELETE", "/v1/events/consumers/push") == (200, {"consumer": "push", "deleted": True})
+            # A long-poll waiting on a consumer: 409 until it returns.
+            _, last = await im.event_cursor("poll")
+            poller = Http(h.url)
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(lambda: call(poller, "GET", f"/v1/events?consumer=poll&after={last}&wait=20"))
+                    while not im.consumer_in_use("poll"):
+                        await trio.sleep(0.02)
+                    assert_error(*await call(c, "DELETE", "/v1/events/consumers/poll"), 409, "CONSUMER_IN_USE")
+                    await im.post("team", b"m1")  # the long-poll returns
+            finally:
+                poller.close()
+            # An embedding reader (an open events() stream) too.
+            stream = im.events("embedded")
+            assert_error(*await call(c, "DELETE", "/v1/events/consumers/embedded"), 409, "CONSUMER_IN_USE")
+            del stream
+            assert_error(*await call(c, "DELETE", "/v1/events/consumers/embedded"), 404, "NO_SUCH_CONSUMER")

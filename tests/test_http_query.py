@@ -61,6 +61,8 @@ TAKES: dict[tuple[str, str], dict[str, str]] = {
     ("GET", "/v1/events"): {"consumer": "push", "after": "0", "limit": "5", "wait": "0"},
     ("GET", "/v1/events/stream"): {"consumer": "push", "after": "0", "limit": "5", "keepalive": "1"},
     ("POST", "/v1/events/ack"): {},
+    ("GET", "/v1/events/consumers"): {},
+    ("DELETE", "/v1/events/consumers/{consumer}"): {},
 }
 
 #: A body each endpoint would act on, were its query taken (so a refusal is
@@ -86,7 +88,7 @@ PROBES = ("/", "/healthz", "/readyz", "/metrics")
 
 
 def concrete(pattern: str) -> str:
-    return pattern.replace("{conv}", "team").replace("{user}", "bob").replace("{seq}", "1")
+    return pattern.replace("{conv}", "team").replace("{user}", "bob").replace("{seq}", "1").replace("{consumer}", "push")
 
 
 def query(params: dict[str, str]) -> str:

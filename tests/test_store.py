@@ -1676,3 +1676,47 @@ def test_a_new_lmdb_store_is_private_to_its_owner(tmp_path: Path, durability: st
         assert any(p.name == "data.mdb" for p in made) and any(p.name == "broker.lock" for p in made)
         if durability == "log":
             assert any(p.parent.name == "log" for p in made)
+
+
+def test_deleting_an_event_consumer_drops_its_cursor_and_frees_the_reclaim(store: Store) -> None:
+    """DeleteConsumer: a consumer read once by mistake (a typo, a test) held
+    back the reclaim of every later event until it acked or max_age passed,
+    and nothing could delete it.  Deleted, the reclaim no longer waits for
+    it; deleting one that does not exist answers deleted=False; the name
+    read and acked again is a fresh consumer at 0, as a first read is."""
+    from pimcore.store import AckEvents, AppendEvent, ConsumerDeleted, DeleteConsumer, EventsAcked, EventsPage
+    from pimcore.store import ReadEvents
+
+    def consumers() -> tuple[tuple[str, int], ...]:
+        (page,) = store.read([ReadEvents("probe", None, 0)])
+        assert isinstance(page, EventsPage)
+        return page.consumers
+
+    store.commit(WriteBatch(1, tuple(AppendEvent(b"{}", t) for t in (100, 200, 300))))
+    store.commit(WriteBatch(2, (AckEvents("host", 3), AckEvents("stray", 0))))
+    # The stray consumer (cursor 0) holds every event back.
+    assert store.commit(WriteBatch(3, (Reclaim(1_000, DAY, DAY),))) == (Reclaimed(0, 0, 0),)
+    assert store.commit(WriteBatch(4, (DeleteConsumer("stray"), DeleteConsumer("stray"), DeleteConsumer("never")))) == (
+        ConsumerDeleted("stray", True), ConsumerDeleted("stray", False), ConsumerDeleted("never", False),
+    )
+    assert consumers() == (("host", 3),)
+    # What only "host" acked is reclaimed now.
+    assert store.commit(WriteBatch(5, (Reclaim(1_000, DAY, DAY),))) == (Reclaimed(0, 0, 3),)
+    # The name again: cursor 0 (what it reads starts after the reclaimed ids),
+    # and its first ack creates it afresh, holding the reclaim again.
+    (page,) = store.read([ReadEvents("stray")])
+    assert page == EventsPage(0, (), 3)
+    store.commit(WriteBatch(6, (AppendEvent(b"{}", 400),)))
+    assert store.commit(WriteBatch(7, (AckEvents("stray", 0),))) == (EventsAcked("stray", 0),)
+    assert consumers() == (("host", 3), ("stray", 0))
+    assert store.commit(WriteBatch(8, (Reclaim(1_000, DAY, DAY),))) == (Reclaimed(0, 0, 0),)
+    # In batch order: an ack then a delete of the same consumer leaves none.
+    assert store.commit(WriteBatch(9, (AckEvents("x", 4), DeleteConsumer("x")))) == (
+        EventsAcked("x", 4), ConsumerDeleted("x", True),
+    )
+    assert consumers() == (("host", 3), ("stray", 0))
+    # An invalid name is refused, nothing deleted.
+    assert store.commit(WriteBatch(10, (DeleteConsumer("bad consumer"), DeleteConsumer("")))) == (
+        Rejected(ErrorCode.BAD_REQUEST), Rejected(ErrorCode.BAD_REQUEST),
+    )
+    assert consumers() == (("host", 3), ("stray", 0))

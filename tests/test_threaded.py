@@ -994,3 +994,33 @@ def test_set_event_handler_racing_close_is_ok_or_broker_stopped(tmp_path: Path) 
             t.join(10)
             assert not t.is_alive(), "a set_event_handler call hung"
     assert unexpected == []
+
+
+def test_delete_consumer_refuses_a_consumer_with_a_handler_and_deletes_it_once_removed(tmp_path: Path) -> None:
+    # A handler is a live reader: deleting its cursor under it would make
+    # its next read restart from 0, silently.
+    from pimcore.embed import ConsumerInUse
+
+    with _start(tmp_path / "d", events=True) as im:
+        im.create_group("team", ["alice"])
+        im.post("team", b"m0")
+        seen = threading.Event()
+        im.set_event_handler(lambda ev: seen.set() or True, consumer="worker")
+        assert seen.wait(10)
+        with pytest.raises(ConsumerInUse) as refused:
+            im.delete_consumer("worker")
+        assert refused.value.consumer == "worker"
+        assert ("worker", im.event_cursor("worker")[1]) in im.event_consumers()
+        im.set_event_handler(None, consumer="worker")
+        assert im.delete_consumer("worker") is True
+        assert im.delete_consumer("worker") is False
+        assert "worker" not in dict(im.event_consumers())
+        # An open iterator is a reader too, until let go.
+        stream = im.events("reader")
+        with pytest.raises(ConsumerInUse):
+            im.delete_consumer("reader")
+        del stream
+        assert im.delete_consumer("reader") is False  # never read: no cursor
+    with _start(tmp_path / "e") as im:
+        with pytest.raises(EventsDisabled):
+            im.delete_consumer("worker")

@@ -797,6 +797,13 @@ static int run_last_error_utf8(const char *dir)
 
 /* ------------------------------------------------------------ argument checks */
 
+static int keep_every_event(const pim_event *ev, void *userdata)
+{
+    (void)ev;
+    (void)userdata;
+    return PIM_EVENT_KEEP;
+}
+
 /* Arguments are checked as pimcore.h and bindings/README.md say. */
 static int run_argument_checks(const char *dir)
 {
@@ -855,6 +862,22 @@ static int run_argument_checks(const char *dir)
     CHECK(again == cursor, "and stays there (%llu)", (unsigned long long)again);
     CHECK_RC(pim_ack_events(b, "late", 1, &again), PIM_OK);
     CHECK(again == cursor, "never back (%llu)", (unsigned long long)again);
+    /* pim_delete_consumer: "late" had a cursor (1), then has none (0). */
+    int deleted = -1;
+    CHECK_RC(pim_delete_consumer(b, "late", &deleted), PIM_OK);
+    CHECK(deleted == 1, "the consumer's cursor was deleted (%d)", deleted);
+    CHECK_RC(pim_delete_consumer(b, "late", &deleted), PIM_OK);
+    CHECK(deleted == 0, "and then there was none (%d)", deleted);
+    CHECK_RC(pim_delete_consumer(b, "late", NULL), PIM_OK);
+    CHECK_RC(pim_delete_consumer(b, "", &deleted), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "empty consumer id") != NULL, "the refusal says why: %s", pim_last_error());
+    /* A consumer whose callback is set is in use: refused, nothing deleted. */
+    CHECK_RC(pim_set_event_callback(b, "busy", keep_every_event, NULL, 0), PIM_OK);
+    CHECK_RC(pim_delete_consumer(b, "busy", &deleted), PIM_ERR_REFUSED);
+    CHECK(strstr(pim_last_error(), "in use") != NULL, "the refusal says why: %s", pim_last_error());
+    CHECK_RC(pim_set_event_callback(b, "busy", NULL, NULL, 0), PIM_OK);
+    CHECK_RC(pim_delete_consumer(b, "busy", &deleted), PIM_OK);
+    CHECK(deleted == 1, "once removed, its cursor is deleted (%d)", deleted);
     CHECK_RC(pim_broker_free(b), PIM_OK);
     /* A broker without events: setting a callback and removing one are both
      * PIM_ERR_INVALID, as pimcore.h says (a removal was PIM_OK: a trial). */
@@ -866,6 +889,8 @@ static int run_argument_checks(const char *dir)
     CHECK_RC(pim_set_event_callback(b, NULL, NULL, NULL, 0), PIM_ERR_INVALID);
     CHECK(strstr(pim_last_error(), "no host events") != NULL, "the refusal says why: %s", pim_last_error());
     CHECK_RC(pim_set_event_callback(b, "other", NULL, NULL, 0), PIM_ERR_INVALID);
+    CHECK_RC(pim_delete_consumer(b, NULL, NULL), PIM_ERR_INVALID);
+    CHECK(strstr(pim_last_error(), "no host events") != NULL, "the refusal says why: %s", pim_last_error());
     CHECK_RC(pim_broker_free(b), PIM_OK);
     printf("%d checks, %d failed\n", checks, failures);
     return failures != 0;

@@ -31,7 +31,12 @@ from .server import HttpConfig, HttpError, RawBody, Request, Router, StreamBody,
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import HostEvent, Pimcore
 
-__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE", "MAX_PAGE_BYTES", "smallest_page_bytes"]
+__all__ = ["register_api", "REFUSED_STATUS", "MAX_BATCH", "MAX_STREAM_PAGE", "MAX_PAGE_BYTES", "smallest_page_bytes",
+           "MAX_LISTED_CONSUMERS"]
+
+#: Most consumers ``GET /v1/events/consumers`` lists (the first by name;
+#: ``more`` says there are others).
+MAX_LISTED_CONSUMERS = 1000
 
 #: HTTP status of each ErrorCode a handle refusal carries (others: 400).
 REFUSED_STATUS: dict[ErrorCode, int] = {
@@ -741,6 +746,12 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def events(request: Request) -> tuple[int, Any]:
         need_events()
         consumer = _query(request, "consumer", str, "default")
+        # A live reader while it reads (a long-poll waits): DELETE
+        # /v1/events/consumers/{consumer} answers 409 meanwhile.
+        with handle._reading(consumer):
+            return await _events(request, consumer)
+
+    async def _events(request: Request, consumer: str) -> tuple[int, Any]:
         after: Optional[int] = _query(request, "after", int, None, 0, _U64)
         limit = _query(request, "limit", int, 256, 1, 10000)  # (pimcore.embed.MAX_EVENTS_PAGE)
         wait = _query(request, "wait", float, 0.0, 0, MAX_EVENT_WAIT)
@@ -809,6 +820,12 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         start = cursor if after is None else after
 
         async def produce(send: Callable[[Union[bytes, bytearray]], Awaitable[None]]) -> None:
+            # A live reader while the stream is open: DELETE
+            # /v1/events/consumers/{consumer} answers 409 meanwhile.
+            with handle._reading(consumer):
+                await _produce(send)
+
+        async def _produce(send: Callable[[Union[bytes, bytearray]], Awaitable[None]]) -> None:
             # One page at a time, written before the next is read: what a
             # client that stops reading holds is one page (and the socket
             # buffers), then the write timeout closes the stream.
@@ -860,6 +877,28 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
             raise past_last(f"upto {upto}", last, "nothing acked")
         return 200, {"consumer": consumer, "cursor": await handle.ack_events(upto, consumer)}
 
+    async def event_consumers(request: Request) -> tuple[int, Any]:
+        need_events()
+        # One more than shown says whether there are more (a broker has a
+        # few; the answer stays bounded whatever a store holds).
+        listed = await handle.event_consumers(MAX_LISTED_CONSUMERS + 1)
+        shown = [{"consumer": name, "cursor": cursor} for name, cursor in listed[:MAX_LISTED_CONSUMERS]]
+        return 200, {"consumers": shown, "more": len(listed) > MAX_LISTED_CONSUMERS}
+
+    async def delete_consumer(request: Request) -> tuple[int, Any]:
+        need_events()
+        from ..embed import ConsumerInUse
+
+        consumer = request.params["consumer"]
+        try:
+            deleted = await handle.delete_consumer(consumer)
+        except ConsumerInUse as exc:
+            raise HttpError(409, "CONSUMER_IN_USE", str(exc).removeprefix("delete_consumer: ")) from None
+        if not deleted:
+            raise HttpError(404, "NO_SUCH_CONSUMER", f"no event consumer {_show(consumer)}: it has no durable cursor"
+                            " (never read from its cursor, or deleted); nothing deleted")
+        return 200, {"consumer": consumer, "deleted": True}
+
     async def get_retention(request: Request) -> tuple[int, Any]:
         return 200, asdict(await handle.retention(request.params["conv"]))
 
@@ -910,6 +949,8 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         ("GET", "/v1/events", events),
         ("GET", "/v1/events/stream", event_stream),
         ("POST", "/v1/events/ack", ack),
+        ("GET", "/v1/events/consumers", event_consumers),
+        ("DELETE", "/v1/events/consumers/{consumer}", delete_consumer),
     ):
         keyed = handler in (post, recall, edit, delete_for)
         run = handler if keyed else _no_idempotency_key(handler, f"{method} {pattern}")

@@ -145,6 +145,15 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
      200, {"type": "string", "description": "text/event-stream: `id: <event id>` and `data: <event JSON>` per event"}),
     ("POST", "/v1/events/ack", "Move a consumer's durable cursor", _obj(("upto",), consumer=_STR, upto=_U64), (),
      200, _obj(consumer=_STR, cursor=_INT)),
+    ("GET", "/v1/events/consumers",
+     "Every event consumer with a durable cursor, sorted by name (the first 1000: `more` says there are others),"
+     " to find a stray one",
+     None, (), 200, _obj(("consumers", "more"), consumers={"type": "array", "items": _obj(
+         ("consumer", "cursor"), consumer=_STR, cursor=_INT)}, more=_BOOL)),
+    ("DELETE", "/v1/events/consumers/{consumer}",
+     "Delete a consumer's durable cursor: the reclaim stops waiting for it; reading the name again starts a new"
+     " cursor at 0 (404 NO_SUCH_CONSUMER: none; 409 CONSUMER_IN_USE: a stream, long-poll or handler reads it)",
+     None, (), 200, _obj(("consumer", "deleted"), consumer=_STR, deleted=_BOOL)),
 )
 
 #: The listener's own endpoints (pimcore.http.app.BrokerHttp), in the same

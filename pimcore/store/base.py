@@ -93,6 +93,9 @@ the core adds to its next batch.  :class:`Reclaim` drops the longest prefix
 of events that every existing consumer acked or that are older than
 ``max_age``; with no consumer yet only ``max_age`` drops events (they wait
 for the host's first ack, like inbox entries wait for a user's first device).
+:class:`DeleteConsumer` removes a consumer's cursor (one read by mistake
+holds the reclaim back): the reclaim stops waiting for it, and the name
+read and acked again is a new consumer at 0.
 """
 
 from __future__ import annotations
@@ -162,6 +165,8 @@ __all__ = [
     "Revoked",
     "AppendEvent",
     "AckEvents",
+    "DeleteConsumer",
+    "ConsumerDeleted",
     "ReadEvents",
     "ReadDedupe",
     "Deduped",
@@ -603,6 +608,22 @@ class AckEvents:
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteConsumer:
+    """Remove consumer ``consumer``'s durable cursor: from now on
+    :class:`Reclaim` no longer waits for it (what every other consumer
+    acked goes), it leaves ``EventsPage.consumers``, and a later
+    :class:`AckEvents` of the name creates a new cursor at 0, as for a name
+    never seen.  No event is touched.  Deleting a consumer that has no
+    cursor changes nothing: ConsumerDeleted with ``deleted`` False (the
+    caller's "not found"; no error: a retry of a delete whose answer was
+    lost finds nothing, which is what it asked for).  An invalid consumer
+    name (:data:`ID_RE`) -> Rejected(BAD_REQUEST).  Result:
+    ConsumerDeleted."""
+
+    consumer: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetConversation:
     """Change ``user``'s own settings of ``conv`` (synced across the user's
     devices): ``pinned``, ``muted``, ``hidden``, each 0 keep, 1 on, 2 off
@@ -851,7 +872,7 @@ class PurgeUser:
 Op = Union[
     NewMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers, RemoveMembers, RevokeTokens,
     AppendEvent, AckEvents, AmendMessage, SetConversation, SetPresencePrivacy, SetRetention, Expire, PurgeConversation,
-    PurgeUser,
+    PurgeUser, DeleteConsumer,
 ]
 
 
@@ -1133,6 +1154,12 @@ class EventsAcked:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsumerDeleted:
+    consumer: str
+    deleted: bool  # the consumer had a cursor (False: there was none, nothing changed)
+
+
+@dataclass(frozen=True, slots=True)
 class EventsPage:
     cursor: int  # the consumer's durable cursor (0 if it never acked)
     events: tuple[StoredEvent, ...]  # ascending by id
@@ -1370,8 +1397,8 @@ class Purged:
 
 Result = Union[
     Appended, Duplicate, Rejected, Acked, Touched, ReadMarked, Reclaimed, GroupChanged, Revoked, SessionLoaded, InboxPage,
-    HistoryPage, ReadersPage, EventAppended, EventsAcked, EventsPage, DevicesPage, Deduped, ConversationsPage,
-    ConversationSet, PresencePrivacySet, PresencePage, RetentionSet, RetentionState, Expired, Purged,
+    HistoryPage, ReadersPage, EventAppended, EventsAcked, ConsumerDeleted, EventsPage, DevicesPage, Deduped,
+    ConversationsPage, ConversationSet, PresencePrivacySet, PresencePage, RetentionSet, RetentionState, Expired, Purged,
 ]
 
 
@@ -2022,6 +2049,8 @@ def malformed(op: Op) -> bool:
         return not (isinstance(op.data, bytes) and _int_in(op.now, _I64_MIN, _I64_END))
     if isinstance(op, AckEvents):
         return not (valid_id(op.consumer) and type(op.upto) is int)
+    if isinstance(op, DeleteConsumer):
+        return not valid_id(op.consumer)
     if isinstance(op, RevokeTokens):
         return not (
             valid_id(op.user)

@@ -280,6 +280,8 @@ from .base import (
     purged_tombstone,
     new_settings,
     AckEvents,
+    ConsumerDeleted,
+    DeleteConsumer,
     AppendEvent,
     EventAppended,
     EventsAcked,
@@ -3298,6 +3300,8 @@ class LmdbStore(Store):
                 wrote = True  # (the entries moved the hwm themselves)
             elif kind is EventAppended or kind is EventsAcked:
                 wrote = True
+            elif kind is ConsumerDeleted and result.deleted:  # type: ignore[union-attr]
+                wrote = True  # (deleted False: nothing changed)
             results.append(result)
         w.flush()
         if w.hwm != stored:
@@ -3706,6 +3710,10 @@ class LmdbStore(Store):
         cursor = max(_U64.unpack(raw)[0] if raw is not None else 0, min(op.upto, last))
         txn.put(key, _U64.pack(cursor), db=self._evcursors)
         return EventsAcked(op.consumer, cursor)
+
+    def _delete_consumer(self, w: _Batch, op: DeleteConsumer) -> Result:
+        # (txn.delete answers whether the key was there.)
+        return ConsumerDeleted(op.consumer, bool(w.txn.delete(_t(op.consumer), db=self._evcursors)))
 
     def _read_events(self, op: ReadEvents) -> Result:
         with self._read() as txn:
@@ -4686,6 +4694,7 @@ _HANDLERS: dict[type, Callable[[LmdbStore, _Batch, Op], Result]] = {
     SetPresencePrivacy: LmdbStore._set_privacy,  # type: ignore[dict-item]
     AppendEvent: LmdbStore._append_event_op,  # type: ignore[dict-item]
     AckEvents: LmdbStore._ack_events,  # type: ignore[dict-item]
+    DeleteConsumer: LmdbStore._delete_consumer,  # type: ignore[dict-item]
     SetConversation: LmdbStore._set_conversation,  # type: ignore[dict-item]
     AmendMessage: LmdbStore._amend,  # type: ignore[dict-item]
     SetRetention: LmdbStore._set_retention,  # type: ignore[dict-item]

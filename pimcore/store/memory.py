@@ -27,6 +27,8 @@ from .base import (
     removes_everyone,
     SYSTEM,
     AckEvents,
+    ConsumerDeleted,
+    DeleteConsumer,
     AppendEvent,
     ConversationEntry,
     ConversationSet,
@@ -541,6 +543,12 @@ class MemoryStore(Store):
         cursor = max(self._evcursors.get(op.consumer, 0), min(op.upto, self._evmeta["last"]))
         self._set(self._evcursors, op.consumer, cursor)
         return EventsAcked(op.consumer, cursor)
+
+    def _delete_consumer(self, op: DeleteConsumer) -> Result:
+        if op.consumer not in self._evcursors:
+            return ConsumerDeleted(op.consumer, False)
+        self._del(self._evcursors, op.consumer)
+        return ConsumerDeleted(op.consumer, True)
 
     def _read_events(self, op: ReadEvents) -> Result:
         with self._lock:
@@ -1064,6 +1072,7 @@ _HANDLERS: dict[type, Callable[[MemoryStore, Any], Result]] = {
     SetPresencePrivacy: MemoryStore._set_privacy,
     AppendEvent: MemoryStore._append_event_op,
     AckEvents: MemoryStore._ack_events,
+    DeleteConsumer: MemoryStore._delete_consumer,
     AmendMessage: MemoryStore._amend,
     SetConversation: MemoryStore._set_conversation,
     SetRetention: MemoryStore._set_retention,

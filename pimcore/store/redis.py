@@ -130,6 +130,8 @@ from .base import (
     amend_problem,
     amended,
     AckEvents,
+    ConsumerDeleted,
+    DeleteConsumer,
     AckPosition,
     Acked,
     AddMembers,
@@ -1428,6 +1430,13 @@ class RedisStore(AsyncStore):
         tx.put(self._ev, "c:" + op.consumer, cursor)
         return EventsAcked(op.consumer, cursor)
 
+    async def _delete_consumer(self, tx: _Tx, op: DeleteConsumer) -> Result:
+        # (Several writers run it as one HDEL: redis_scripts.ClusterOps.)
+        if await tx.get(self._ev, "c:" + op.consumer) is None:
+            return ConsumerDeleted(op.consumer, False)
+        tx.delete(self._ev, "c:" + op.consumer)
+        return ConsumerDeleted(op.consumer, True)
+
     async def _create_group(self, tx: _Tx, op: CreateGroup) -> Result:
         ck = self._k_conv(op.conv)
         if await tx.get(ck, "grp") is not None:
@@ -1947,9 +1956,22 @@ class RedisStore(AsyncStore):
             page.append(StoredEvent(i, int(t), bytes(data)))
         consumers: tuple[tuple[str, int], ...] = ()
         if op.limit == 0:
-            consumers = tuple(sorted((f[2:], int(v)) for f, v in (await tx.getall(self._ev)).items()
-                                     if f.startswith("c:")))
+            consumers = tuple(sorted((await self._event_cursors()).items()))
         return EventsPage(cursor, tuple(page), last, consumers)
+
+    async def _event_cursors(self) -> dict[str, int]:
+        """consumer -> durable cursor.  HSCAN of the "c:" fields only: the
+        hash holds every event kept too, which HGETALL would send whole (for
+        each outbox-depth scrape and consumer listing).  A field HSCAN
+        returns twice (a rehash between pages) is one entry."""
+        out: dict[str, int] = {}
+        cursor = 0
+        while True:
+            cursor, found = await self._call(lambda c=cursor: self._r.hscan(self._ev, c, match="c:*", count=1000))
+            for f, v in found.items():
+                out[(f.decode() if isinstance(f, bytes) else f)[2:]] = int(v)
+            if not cursor:
+                return out
 
     # -- the Store read methods, awaited (for tools and tests) --------------
 
@@ -2056,6 +2078,7 @@ _HANDLERS: dict[type, Any] = {
     SetPresencePrivacy: RedisStore._set_privacy,
     AppendEvent: RedisStore._append_event_op,
     AckEvents: RedisStore._ack_events,
+    DeleteConsumer: RedisStore._delete_consumer,
     AmendMessage: RedisStore._amend,
     SetConversation: RedisStore._set_conversation,
     SetRetention: RedisStore._set_retention,

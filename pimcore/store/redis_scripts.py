@@ -97,6 +97,8 @@ from .base import (
     OPEN,
     SYSTEM,
     AckEvents,
+    ConsumerDeleted,
+    DeleteConsumer,
     AmendMessage,
     AckPosition,
     Acked,
@@ -150,7 +152,7 @@ __all__ = ["SCRIPTED", "ClusterOps", "DataLost"]
 #: PurgeUser) take the generic request path: see the pimcore.store.redis
 #: docstring for why that is safe beside other nodes.
 SCRIPTED = frozenset({NewMessage, AmendMessage, AckPosition, TouchDevice, MarkRead, Reclaim, CreateGroup, AddMembers,
-                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents, SetConversation})
+                      RemoveMembers, RevokeTokens, AppendEvent, AckEvents, DeleteConsumer, SetConversation})
 
 _LIB = """
 local function S(n) return string.format('%.0f', n) end
@@ -1102,6 +1104,14 @@ class ClusterOps:
         elif kind is AckEvents:
             (cur,) = await self.run(self._one("EVACK", self.s._ev, (op.consumer, op.upto)))
             results[idx[0]] = EventsAcked(op.consumer, int(cur))
+        elif kind is DeleteConsumer:
+            # One HDEL: atomic beside other nodes' EVACKs (an ack after it
+            # makes a new cursor, as the store contract says).  A round
+            # retried after a lost answer finds nothing: deleted False.
+            rnd = _Round()
+            rnd.hdel(self.s._ev, "c:" + op.consumer)
+            (n,) = await self.run(rnd)
+            results[idx[0]] = ConsumerDeleted(op.consumer, int(n) > 0)
         elif kind is Reclaim:
             results[idx[0]] = await self._reclaim(op)
         else:  # AckPosition / TouchDevice: one round for the run
