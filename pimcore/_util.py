@@ -102,6 +102,14 @@ def shown_url(url: str) -> str:
     operator's trial); unchanged when it holds neither."""
     from urllib.parse import urlsplit, urlunsplit
 
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest and "@" not in rest.partition("/")[0].partition("?")[0].partition("#")[0]:
+        # An "@" past the first "/", "?" or "#": a password holding one of
+        # them unencoded (``https://u:ab/cd@host/``) ends the host early for
+        # the parser, which then showed the password as a port and a path
+        # (a trial).  Everything up to the last "@" is taken for userinfo --
+        # too much for a URL with an "@" in its path, never too little.
+        url = f"{scheme}://<redacted>@{rest.rpartition('@')[2]}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -109,7 +117,7 @@ def shown_url(url: str) -> str:
     netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:<redacted>@" + netloc.rpartition("@")[2]
-    elif "@" in netloc:  # (a user name alone is often the token: https://TOKEN@host/)
+    elif "@" in netloc and not netloc.startswith("<redacted>@"):  # (a user name alone is often the token: https://TOKEN@host/)
         netloc = "<redacted>@" + netloc.rpartition("@")[2]
     query = "<redacted>" if parts.query else ""
     fragment = "<redacted>" if parts.fragment else ""

@@ -38,6 +38,7 @@ import json
 import logging
 import random
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -209,13 +210,42 @@ def _check_url(name: str, url: str) -> None:
     and port are checked here, not left to the first call: a bad port
     (``https://host:99999/x``, ``:abc``) or no host was taken at start and
     failed only at run time, each event retried forever (a new user's
-    trial).  The URL is quoted as logs show it (credentials redacted)."""
-    from urllib.parse import urlsplit
-
+    trial); so were URLs that httpx, which sends the requests, refuses (an
+    IPv6 literal it cannot read, a control character): its InvalidURL at
+    the first event ended the broker, at every restart again (a later
+    trial).  The URL is quoted as logs show it (credentials redacted), and
+    nothing of its userinfo is echoed."""
     low = url.lower()
     if not (low.startswith("http://") or low.startswith("https://")) or len(url.split("://", 1)[1]) == 0:
         raise ValueError(f"{name}: expected an http:// or https:// URL, got {shown_url(url)!r}")
     wanted = "expected an http:// or https:// URL with a host, and a port 1..65535 if one is given"
+    for i, c in enumerate(url):
+        if ord(c) < 0x20 or ord(c) == 0x7F or unicodedata.category(c) == "Cc":
+            raise ValueError(f"{name}: the URL holds a control character ({ascii(c)} at {i}): {wanted}")
+    rest = url.partition("://")[2]
+    if "@" in rest and "@" not in rest.partition("/")[0].partition("?")[0].partition("#")[0]:
+        # An "@" after a "/", "?" or "#": valid in a path or a query
+        # (https://host/a@b), or a password holding an unencoded "/", "?" or
+        # "#" that ended the host early -- which every error below would
+        # then quote a piece of, as a port or a host (a trial).  Only a URL
+        # that is bad as read gets this error instead, quoting nothing.
+        encode = (f"{name}: {shown_url(url)!r} is not a URL as read (its host ends at the first '/', '?' or '#',"
+                  " before the '@'): percent-encode '/', '?', '#' and '@' in a user name or password (%2F, %3F, %23,"
+                  f" %40): {wanted}")
+        try:
+            _check_parts(name, url, wanted)
+        except ValueError:
+            raise ValueError(encode) from None
+    else:
+        _check_parts(name, url, wanted)
+
+
+def _check_parts(name: str, url: str, wanted: str) -> None:
+    """The host and port checks of :func:`_check_url`."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # (an unclosed IPv6 bracket: "Invalid IPv6 URL")
@@ -228,12 +258,19 @@ def _check_url(name: str, url: str) -> None:
     try:
         port = parts.port  # (ValueError: out of 0..65535, or not digits)
     except ValueError:
-        given = parts.netloc.rpartition("@")[2].rpartition(":")[2]
-        raise ValueError(f"{name}: port {given!r} is not a number, in {shown_url(url)!r}: {wanted}"
-                         if not given.isdigit() else
-                         f"{name}: port {given} is not 1..65535, in {shown_url(url)!r}: {wanted}") from None
+        # What follows the host: "80:90" of host:80:90 (not its last piece).
+        hostport = parts.netloc.rpartition("@")[2]
+        given = hostport.partition("]")[2][1:] if hostport.startswith("[") else hostport.partition(":")[2]
+        number = given.isascii() and given.isdigit()  # ("٨٠" is digits to str.isdigit, not to a URL)
+        raise ValueError(f"{name}: port {given} is not 1..65535, in {shown_url(url)!r}: {wanted}" if number else
+                         f"{name}: port {given!r} is not a number, in {shown_url(url)!r}: {wanted}") from None
     if port == 0:  # (urllib takes it; no connection can go to port 0)
         raise ValueError(f"{name}: port 0 is not 1..65535, in {shown_url(url)!r}: {wanted}")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{name}: not a URL the HTTP client can send to ({exc}), in {shown_url(url)!r}:"
+                         f" {wanted}") from None
 
 
 def _client(timeout: float) -> "httpx.AsyncClient":

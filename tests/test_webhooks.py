@@ -247,6 +247,44 @@ def test_a_url_with_a_bad_port_or_no_host_is_refused_at_start(tmp_path: Path) ->
         assert load_settings(None, env={}, webhooks={"url": url}).webhook_config(secret=b"s").url == url
 
 
+def test_a_url_the_http_client_cannot_send_to_is_refused_at_start(tmp_path: Path) -> None:
+    # A later trial: these passed the start-up check, and httpx refused them
+    # at the first event -- a traceback that ended the broker, again at every
+    # restart (webhooks), or every post refused "the content filter failed"
+    # even under the open policy (moderation).
+    from pimcore.webhooks import ModerationConfig, WebhookConfig
+
+    for url, problem in (("http://[::1]x/hook", "not a URL the HTTP client can send to"),
+                         ("http://[v1.fe]/h", "not a URL the HTTP client can send to"),
+                         ("http://[::1]]/", "not a URL the HTTP client can send to"),
+                         ("http://127.0.0.1:9/hook\n", "a control character ('\\n' at 23)"),
+                         ("http://a\tb/", "a control character ('\\t' at 8)"),
+                         ("http://h/\x00", "a control character ('\\x00' at 9)"),
+                         ("http://h/\x7f", "a control character ('\\x7f' at 9)"),
+                         ("http://host:80:90/", "port '80:90' is not a number"),
+                         ("http://host:\u0668\u0660/", "is not a number")):
+        for name, make in (("webhooks.url", lambda u: WebhookConfig(url=u, secret=b"s")),
+                           ("moderation.url", lambda u: ModerationConfig(url=u, secret=b"s", policy="open"))):
+            with pytest.raises(ValueError) as err:
+                make(url)
+            msg = str(err.value)
+            assert msg.startswith(name + ": ") and problem in msg, (url, msg)
+        with pytest.raises(ConfigError, match=r"^webhooks\.url: "):
+            load_settings(None, env={"PIMCORE_WEBHOOKS_URL": url})
+    # An unencoded "/", "?" or "#" in a password ends the host early for the
+    # URL parser: the error showed the password's pieces as a port and a path.
+    for url, secret in (("https://u:ENV/SECRET@host/", ("ENV", "SECRET")),
+                        ("http://user:pa#ssWORD@host:99999/", ("pa#", "ssWORD"))):
+        with pytest.raises(ConfigError) as cerr:
+            load_settings(None, env={"PIMCORE_MODERATION_URL": url, "PIMCORE_MODERATION_POLICY": "open"})
+        msg = str(cerr.value)
+        assert msg.startswith("moderation.url: ") and not any(s in msg for s in secret), msg
+        assert "percent-encode" in msg, msg
+    # An "@" in a path or a query is valid there.
+    for url in ("https://host/a@b", "https://host/p?email=a@b"):
+        assert WebhookConfig(url=url, secret=b"s").url == url
+
+
 def test_secret_from_config_env_or_a_generated_private_file(tmp_path: Path) -> None:
     s = load_settings(None, env={}, data_dir=tmp_path, webhooks={"url": "http://h/x"}, moderation={"url": "http://h/m", "policy": "open"})
     assert not (tmp_path / "webhook-secret").exists()  # loading settings creates nothing
@@ -325,6 +363,9 @@ def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, c
 
     assert shown_url("https://ghp_tok3n@hooks.example/p#frag") == "https://<redacted>@hooks.example/p#<redacted>"
     assert shown_url("https://hooks.example/p") == "https://hooks.example/p"
+    # A password with an unencoded "/" or "#" (the parser ends the host there).
+    assert shown_url("https://u:ENV/SECRET@host/p") == "https://<redacted>@host/p"
+    assert shown_url("http://user:pa#ssWORD@host:99/") == "http://<redacted>@host:99/"
     cfg.write_text('[webhooks]\nurl = "ftp://u:hunter2@h/x"\n')
     assert main(["serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
     err = capsys.readouterr().err
