@@ -59,12 +59,23 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+class NotJson(ValueError):
+    """Text that Python's decoder reads but JSON (RFC 8259) is not:
+    ``NaN``, ``Infinity``, ``-Infinity``."""
+
+
+def _json_constant(name: str) -> Any:
+    raise NotJson(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def read_json(text: Union[str, bytes]) -> Any:
     """``json.loads(text)`` for text from outside (an HTTP body, a C
-    caller's config): as it, but :class:`TooManyDigits` (a ValueError) for
-    a number of more digits than Python reads, and :class:`DuplicateKey`
-    (a ValueError) for an object that gives a key twice."""
-    return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object)
+    caller's config, a moderation answer): as it, but :class:`TooManyDigits`
+    (a ValueError) for a number of more digits than Python reads,
+    :class:`DuplicateKey` (a ValueError) for an object that gives a key
+    twice, and :class:`NotJson` (a ValueError) for NaN or Infinity, which
+    Python's decoder takes and no other reader need."""
+    return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object, parse_constant=_json_constant)
 
 
 @contextmanager
