@@ -59,12 +59,23 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+class NotJson(ValueError):
+    """Text that Python's decoder reads but JSON (RFC 8259) is not:
+    ``NaN``, ``Infinity``, ``-Infinity``."""
+
+
+def _json_constant(name: str) -> Any:
+    raise NotJson(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def read_json(text: Union[str, bytes]) -> Any:
     """``json.loads(text)`` for text from outside (an HTTP body, a C
-    caller's config): as it, but :class:`TooManyDigits` (a ValueError) for
-    a number of more digits than Python reads, and :class:`DuplicateKey`
-    (a ValueError) for an object that gives a key twice."""
-    return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object)
+    caller's config, a moderation answer): as it, but :class:`TooManyDigits`
+    (a ValueError) for a number of more digits than Python reads,
+    :class:`DuplicateKey` (a ValueError) for an object that gives a key
+    twice, and :class:`NotJson` (a ValueError) for NaN or Infinity, which
+    Python's decoder takes and no other reader need."""
+    return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object, parse_constant=_json_constant)
 
 
 @contextmanager
@@ -102,6 +113,14 @@ def shown_url(url: str) -> str:
     operator's trial); unchanged when it holds neither."""
     from urllib.parse import urlsplit, urlunsplit
 
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest and "@" not in rest.partition("/")[0].partition("?")[0].partition("#")[0]:
+        # An "@" past the first "/", "?" or "#": a password holding one of
+        # them unencoded (``https://u:ab/cd@host/``) ends the host early for
+        # the parser, which then showed the password as a port and a path
+        # (a trial).  Everything up to the last "@" is taken for userinfo --
+        # too much for a URL with an "@" in its path, never too little.
+        url = f"{scheme}://<redacted>@{rest.rpartition('@')[2]}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -109,7 +128,7 @@ def shown_url(url: str) -> str:
     netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:<redacted>@" + netloc.rpartition("@")[2]
-    elif "@" in netloc:  # (a user name alone is often the token: https://TOKEN@host/)
+    elif "@" in netloc and not netloc.startswith("<redacted>@"):  # (a user name alone is often the token: https://TOKEN@host/)
         netloc = "<redacted>@" + netloc.rpartition("@")[2]
     query = "<redacted>" if parts.query else ""
     fragment = "<redacted>" if parts.fragment else ""

@@ -38,12 +38,13 @@ import json
 import logging
 import random
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import trio
 
-from ._util import DuplicateKey, read_json, shown_url
+from ._util import DuplicateKey, NotJson, read_json, shown_url
 from .errors import ErrorCode, PimError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,13 +210,42 @@ def _check_url(name: str, url: str) -> None:
     and port are checked here, not left to the first call: a bad port
     (``https://host:99999/x``, ``:abc``) or no host was taken at start and
     failed only at run time, each event retried forever (a new user's
-    trial).  The URL is quoted as logs show it (credentials redacted)."""
-    from urllib.parse import urlsplit
-
+    trial); so were URLs that httpx, which sends the requests, refuses (an
+    IPv6 literal it cannot read, a control character): its InvalidURL at
+    the first event ended the broker, at every restart again (a later
+    trial).  The URL is quoted as logs show it (credentials redacted), and
+    nothing of its userinfo is echoed."""
     low = url.lower()
     if not (low.startswith("http://") or low.startswith("https://")) or len(url.split("://", 1)[1]) == 0:
         raise ValueError(f"{name}: expected an http:// or https:// URL, got {shown_url(url)!r}")
     wanted = "expected an http:// or https:// URL with a host, and a port 1..65535 if one is given"
+    for i, c in enumerate(url):
+        if ord(c) < 0x20 or ord(c) == 0x7F or unicodedata.category(c) == "Cc":
+            raise ValueError(f"{name}: the URL holds a control character ({ascii(c)} at {i}): {wanted}")
+    rest = url.partition("://")[2]
+    if "@" in rest and "@" not in rest.partition("/")[0].partition("?")[0].partition("#")[0]:
+        # An "@" after a "/", "?" or "#": valid in a path or a query
+        # (https://host/a@b), or a password holding an unencoded "/", "?" or
+        # "#" that ended the host early -- which every error below would
+        # then quote a piece of, as a port or a host (a trial).  Only a URL
+        # that is bad as read gets this error instead, quoting nothing.
+        encode = (f"{name}: {shown_url(url)!r} is not a URL as read (its host ends at the first '/', '?' or '#',"
+                  " before the '@'): percent-encode '/', '?', '#' and '@' in a user name or password (%2F, %3F, %23,"
+                  f" %40): {wanted}")
+        try:
+            _check_parts(name, url, wanted)
+        except ValueError:
+            raise ValueError(encode) from None
+    else:
+        _check_parts(name, url, wanted)
+
+
+def _check_parts(name: str, url: str, wanted: str) -> None:
+    """The host and port checks of :func:`_check_url`."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # (an unclosed IPv6 bracket: "Invalid IPv6 URL")
@@ -228,12 +258,19 @@ def _check_url(name: str, url: str) -> None:
     try:
         port = parts.port  # (ValueError: out of 0..65535, or not digits)
     except ValueError:
-        given = parts.netloc.rpartition("@")[2].rpartition(":")[2]
-        raise ValueError(f"{name}: port {given!r} is not a number, in {shown_url(url)!r}: {wanted}"
-                         if not given.isdigit() else
-                         f"{name}: port {given} is not 1..65535, in {shown_url(url)!r}: {wanted}") from None
+        # What follows the host: "80:90" of host:80:90 (not its last piece).
+        hostport = parts.netloc.rpartition("@")[2]
+        given = hostport.partition("]")[2][1:] if hostport.startswith("[") else hostport.partition(":")[2]
+        number = given.isascii() and given.isdigit()  # ("٨٠" is digits to str.isdigit, not to a URL)
+        raise ValueError(f"{name}: port {given} is not 1..65535, in {shown_url(url)!r}: {wanted}" if number else
+                         f"{name}: port {given!r} is not a number, in {shown_url(url)!r}: {wanted}") from None
     if port == 0:  # (urllib takes it; no connection can go to port 0)
         raise ValueError(f"{name}: port 0 is not 1..65535, in {shown_url(url)!r}: {wanted}")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{name}: not a URL the HTTP client can send to ({exc}), in {shown_url(url)!r}:"
+                         f" {wanted}") from None
 
 
 def _client(timeout: float) -> "httpx.AsyncClient":
@@ -266,6 +303,14 @@ class _Throttle:
     def take_suppressed(self) -> int:
         n, self.suppressed = self.suppressed, 0
         return n
+
+
+#: The most bytes of a moderation answer read (``{"allow": ..., "reason":
+#: ...}`` needs a few hundred; a reason is cut to 1 KiB anyway): a longer
+#: answer is no usable answer, and the rest is not read (a trial's 200 MB
+#: answer was read whole, the broker from 58 to 700 MB).  A webhook
+#: receiver's answer is read up to as much and dropped.
+MODERATION_MAX_ANSWER = 64 * 1024
 
 
 # ---------------------------------------------------------------- event webhooks
@@ -403,20 +448,35 @@ class WebhookSender:
             SIGNATURE_HEADER: signature_header(cfg.secret, body),
             DELIVERY_HEADER: delivery,
         }
+        status = 0
         try:
             with trio.move_on_after(cfg.timeout) as scope:
-                resp = await client.post(cfg.url, content=body, headers=headers)
-                await resp.aclose()
+                # The status is the answer: of the body at most
+                # MODERATION_MAX_ANSWER bytes are read, and dropped (read
+                # whole, one without end held each batch for the timeout, and
+                # a large one took the broker's memory -- a trial).  A body
+                # read to its end keeps the connection for the next batch;
+                # leaving the block before closes it.
+                async with client.stream("POST", cfg.url, content=body, headers=headers) as resp:
+                    status = resp.status_code
+                    seen = 0
+                    async for chunk in resp.aiter_raw():
+                        seen += len(chunk)
+                        if seen > MODERATION_MAX_ANSWER:
+                            break
             if scope.cancelled_caught:
                 return f"no answer within {cfg.timeout:g} s"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            # (InvalidURL is no HTTPError: one the start-up check let by ended
+            # the broker with a traceback -- a trial.)
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if 200 <= resp.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {resp.status_code}"
+        return f"HTTP {status}"
 
 
 # ---------------------------------------------------------------- moderation
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,33 +520,32 @@ class Moderator:
         }, separators=(",", ":")).encode()
         if self._client is None:
             self._client = _client(cfg.timeout_ms / 1000)
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature_header(cfg.secret, body)}
+        # (identity: the answer is read raw, to bound it before any inflating.)
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                   SIGNATURE_HEADER: signature_header(cfg.secret, body)}
         problem: Optional[str] = None
         answer: Any = None
+        status = 0
+        raw = bytearray()
         try:
             with trio.move_on_after(cfg.timeout_ms / 1000) as scope:
-                resp = await self._client.post(cfg.url, content=body, headers=headers)
-                raw = await resp.aread()
+                # Streamed, and at most MODERATION_MAX_ANSWER bytes read:
+                # the rest of a longer answer never is (nor held).
+                async with self._client.stream("POST", cfg.url, content=body, headers=headers) as resp:
+                    status = resp.status_code
+                    if 200 <= status < 300:
+                        async for chunk in resp.aiter_raw():
+                            raw += chunk
+                            if len(raw) > MODERATION_MAX_ANSWER:
+                                problem = f"the answer is over {MODERATION_MAX_ANSWER} bytes"
+                                break
             if scope.cancelled_caught:
                 problem = f"no answer within {cfg.timeout_ms} ms"
-            elif not 200 <= resp.status_code < 300:
-                problem = f"HTTP {resp.status_code}"
-            else:
-                # (read_json: an object giving a key twice, {"allow": true,
-                # "allow": false}, was taken as its last value, where another
-                # reader of the answer -- a proxy, the service's own log --
-                # may take the first: ambiguous, so no usable answer.)
-                try:
-                    answer = read_json(raw)
-                except DuplicateKey as exc:
-                    problem = f"the answer gives {exc}"  # (the key quoted as _show does: cut, escaped)
-                except ValueError:
-                    problem = "the answer is not JSON"
-                else:
-                    if not (isinstance(answer, dict) and isinstance(answer.get("allow"), bool)
-                            and isinstance(answer.get("reason", ""), (str, type(None)))):
-                        problem = 'the answer is not {"allow": true|false, "reason": "..."}'
-        except httpx.HTTPError as exc:
+            elif not 200 <= status < 300:
+                problem = f"HTTP {status}"
+            elif problem is None:
+                problem, answer = _moderation_answer(resp, bytes(raw))
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
             problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if problem is None:
             if answer["allow"]:
@@ -503,9 +562,36 @@ class Moderator:
                         extra={"event": "moderation_failed", "url": shown_url(cfg.url), "error": problem, "policy": cfg.policy})
         if cfg.policy == "open":
             return ALLOW
-        return Verdict(f"the moderation service did not answer ({problem}); send again later", ErrorCode.INTERNAL)
+        return Verdict(f"the moderation service gave no usable answer ({problem}); send again later", ErrorCode.INTERNAL)
 
     async def aclose(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+
+
+def _moderation_answer(resp: "httpx.Response", raw: bytes) -> tuple[Optional[str], Any]:
+    """(None, the answer) for a usable moderation answer ``raw`` (the body
+    as sent, before any content coding), else (what is wrong with it, None)."""
+    if resp.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        # (Read raw to bound it: a compressed answer would be inflated past
+        # the bound.  The client asks for none; a service that sends one
+        # anyway gives no usable answer.)
+        return f"the answer is {resp.headers['content-encoding']}-encoded (send it plain)", None
+    # (read_json: an object giving a key twice, {"allow": true, "allow":
+    # false}, was taken as its last value, where another reader of the
+    # answer -- a proxy, the service's own log -- may take the first:
+    # ambiguous, so no usable answer; so are NaN and Infinity, which are not
+    # JSON.)
+    try:
+        answer = read_json(raw)
+    except DuplicateKey as exc:
+        return f"the answer gives {exc}", None  # (the key quoted as _show does: cut, escaped)
+    except RecursionError:  # (100,000 "[": the decoder's nesting limit -- it was "the content filter failed")
+        return "the answer is JSON nested too deeply", None
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"the answer is not JSON ({exc})" if isinstance(exc, NotJson) else "the answer is not JSON", None
+    if not (isinstance(answer, dict) and isinstance(answer.get("allow"), bool)
+            and isinstance(answer.get("reason", ""), (str, type(None)))):
+        return 'the answer is not {"allow": true|false, "reason": "..."}', None
+    return None, answer

@@ -25,6 +25,7 @@ from pimcore.store import LmdbStore, direct_conversation
 from pimcore.store.base import Reclaim, WriteBatch
 from pimcore.webhooks import (
     DELIVERY_HEADER,
+    MODERATION_MAX_ANSWER,
     SIGNATURE_HEADER,
     SignatureError,
     backoff_delay,
@@ -247,6 +248,44 @@ def test_a_url_with_a_bad_port_or_no_host_is_refused_at_start(tmp_path: Path) ->
         assert load_settings(None, env={}, webhooks={"url": url}).webhook_config(secret=b"s").url == url
 
 
+def test_a_url_the_http_client_cannot_send_to_is_refused_at_start(tmp_path: Path) -> None:
+    # A later trial: these passed the start-up check, and httpx refused them
+    # at the first event -- a traceback that ended the broker, again at every
+    # restart (webhooks), or every post refused "the content filter failed"
+    # even under the open policy (moderation).
+    from pimcore.webhooks import ModerationConfig, WebhookConfig
+
+    for url, problem in (("http://[::1]x/hook", "not a URL the HTTP client can send to"),
+                         ("http://[v1.fe]/h", "not a URL the HTTP client can send to"),
+                         ("http://[::1]]/", "not a URL the HTTP client can send to"),
+                         ("http://127.0.0.1:9/hook\n", "a control character ('\\n' at 23)"),
+                         ("http://a\tb/", "a control character ('\\t' at 8)"),
+                         ("http://h/\x00", "a control character ('\\x00' at 9)"),
+                         ("http://h/\x7f", "a control character ('\\x7f' at 9)"),
+                         ("http://host:80:90/", "port '80:90' is not a number"),
+                         ("http://host:\u0668\u0660/", "is not a number")):
+        for name, make in (("webhooks.url", lambda u: WebhookConfig(url=u, secret=b"s")),
+                           ("moderation.url", lambda u: ModerationConfig(url=u, secret=b"s", policy="open"))):
+            with pytest.raises(ValueError) as err:
+                make(url)
+            msg = str(err.value)
+            assert msg.startswith(name + ": ") and problem in msg, (url, msg)
+        with pytest.raises(ConfigError, match=r"^webhooks\.url: "):
+            load_settings(None, env={"PIMCORE_WEBHOOKS_URL": url})
+    # An unencoded "/", "?" or "#" in a password ends the host early for the
+    # URL parser: the error showed the password's pieces as a port and a path.
+    for url, secret in (("https://u:ENV/SECRET@host/", ("ENV", "SECRET")),
+                        ("http://user:pa#ssWORD@host:99999/", ("pa#", "ssWORD"))):
+        with pytest.raises(ConfigError) as cerr:
+            load_settings(None, env={"PIMCORE_MODERATION_URL": url, "PIMCORE_MODERATION_POLICY": "open"})
+        msg = str(cerr.value)
+        assert msg.startswith("moderation.url: ") and not any(s in msg for s in secret), msg
+        assert "percent-encode" in msg, msg
+    # An "@" in a path or a query is valid there.
+    for url in ("https://host/a@b", "https://host/p?email=a@b"):
+        assert WebhookConfig(url=url, secret=b"s").url == url
+
+
 def test_secret_from_config_env_or_a_generated_private_file(tmp_path: Path) -> None:
     s = load_settings(None, env={}, data_dir=tmp_path, webhooks={"url": "http://h/x"}, moderation={"url": "http://h/m", "policy": "open"})
     assert not (tmp_path / "webhook-secret").exists()  # loading settings creates nothing
@@ -325,6 +364,9 @@ def test_print_config_shows_the_sections_with_secrets_redacted(tmp_path: Path, c
 
     assert shown_url("https://ghp_tok3n@hooks.example/p#frag") == "https://<redacted>@hooks.example/p#<redacted>"
     assert shown_url("https://hooks.example/p") == "https://hooks.example/p"
+    # A password with an unencoded "/" or "#" (the parser ends the host there).
+    assert shown_url("https://u:ENV/SECRET@host/p") == "https://<redacted>@host/p"
+    assert shown_url("http://user:pa#ssWORD@host:99/") == "http://<redacted>@host:99/"
     cfg.write_text('[webhooks]\nurl = "ftp://u:hunter2@h/x"\n')
     assert main(["serve", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--print-config"]) == 2
     err = capsys.readouterr().err
@@ -444,6 +486,53 @@ async def test_server_errors_are_retried_with_the_same_batch_until_2xx(tmp_path:
     assert (warnings[0].error, warnings[0].attempt) == ("HTTP 500", 1) and warnings[0].delay <= 0.01
     recovered = [r for r in caplog.records if getattr(r, "event", "") == "webhook_recovered"]
     assert len(recovered) == 1 and recovered[0].failures == 4 and recovered[0].levelname == "INFO"
+
+
+async def test_a_2xx_answer_whose_body_never_ends_is_a_delivery_not_read(tmp_path: Path) -> None:
+    # A trial: the sender read each answer's body whole (httpx's post), so a
+    # receiver that answered 200 and then a body without end held each
+    # batch for the whole timeout, and a large one took the broker's memory.
+    # The status is the answer: the body is never read.
+    got: list[bytes] = []
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    port = sock.getsockname()[1]
+
+    async def answer(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body = b""
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+        got.append(body)
+        try:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            while True:  # 64 KiB chunks, forever
+                await stream.send_all(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                await trio.sleep(0.01)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, answer, [trio.SocketListener(sock)])
+            async with open_pimcore(data_dir=tmp_path, durability="os",
+                                    webhooks={"url": f"http://127.0.0.1:{port}/hook", "secret": SECRET, **QUICK,
+                                              "timeout": 60.0}) as im:
+                await _post_many(im, 3)
+                await _until_acked(im, 3)
+                assert im.webhooks.requests_failed == 0 and im.webhooks.events_delivered >= 3
+            nursery.cancel_scope.cancel()
+    assert got and all(json.loads(b)["events"] for b in got)
 
 
 async def test_slow_receiver_times_out_and_only_event_types_asked_for_are_sent(tmp_path: Path) -> None:
@@ -590,6 +679,12 @@ class Moderation(Receiver):
             return 200, b'{"allowed": "yes"}'
         if self.mode == "twice":  # (json.loads took the last: refused, where a reader taking the first allows)
             return 200, b'{"allow": true, "allow": false}'
+        if self.mode == "deep":  # (a RecursionError: "the content filter failed", even under the open policy)
+            return 200, b'{"allow": true, "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+        if self.mode == "nan":  # (not JSON: RFC 8259 has no NaN)
+            return 200, b'{"allow": true, "score": NaN}'
+        if self.mode == "huge":  # (read whole: 200 MB took the broker from 58 to 700 MB)
+            return 200, b'{"allow": true, "pad": "' + b"A" * (MODERATION_MAX_ANSWER + 1) + b'"}'
         if self.mode == "deny":
             return 200, json.dumps({"allow": False, "reason": "closed for today"}).encode()
         if b"spam" in payload:
@@ -638,7 +733,7 @@ async def test_moderation_allows_and_rejects_with_the_reason(tmp_path: Path) -> 
     assert host["source"] == "host" and host["device"] == "web" and host["conv"] == "team" and int(host["local_id"]) > 0
 
 
-@pytest.mark.parametrize("failure", ["slow", "500", "junk", "twice", "down"])
+@pytest.mark.parametrize("failure", ["slow", "500", "junk", "twice", "deep", "nan", "huge", "down"])
 @pytest.mark.parametrize("policy", ["open", "closed"])
 async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, policy: str, failure: str,
                                                                caplog: pytest.LogCaptureFixture) -> None:
@@ -682,9 +777,17 @@ async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, p
                     history = await im.history(AB, "bob", from_seq=0, backward=False)
                     assert [(m.seq, m.payload) for m in history] == [(sent.seq, payload)]  # once
             nursery.cancel_scope.cancel()
+    said = [getattr(r, "error", "") for r in caplog.records if getattr(r, "event", "") == "moderation_failed"]
+    assert said, caplog.records
     if failure == "twice":
-        said = [getattr(r, "error", "") for r in caplog.records if getattr(r, "event", "") == "moderation_failed"]
-        assert said and said[0] == "the answer gives the key 'allow' twice in one object (give each key once)", said
+        assert said[0] == "the answer gives the key 'allow' twice in one object (give each key once)", said
+    elif failure == "deep":
+        assert said[0] == "the answer is JSON nested too deeply", said
+    elif failure == "nan":
+        assert said[0].startswith("the answer is not JSON"), said
+    elif failure == "huge":
+        assert said[0] == f"the answer is over {MODERATION_MAX_ANSWER} bytes", said
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.records  # (no traceback)
 
 
 async def test_a_pending_moderation_call_holds_up_only_its_sender(tmp_path: Path) -> None:
