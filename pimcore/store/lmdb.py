@@ -777,7 +777,23 @@ _LOG_GETTERS = [
     operator.attrgetter(*names) if len(names) > 1 else (lambda op, n=names[0]: (getattr(op, n),))  # type: ignore[misc]
     for names in _LOG_NAMES
 ]
-_LOG_SCHEMA = struct.pack("<I", zlib.crc32(repr([(cls.__name__, n) for cls, n in zip(_LOG_KINDS, _LOG_NAMES)]).encode()))
+
+
+def _log_schema(n: int) -> bytes:
+    """The fingerprint of the first ``n`` op classes and their fields."""
+    return struct.pack("<I", zlib.crc32(repr([(cls.__name__, f) for cls, f in zip(_LOG_KINDS[:n], _LOG_NAMES[:n])]).encode()))
+
+
+_LOG_SCHEMA = _log_schema(len(_LOG_KINDS))
+#: The fingerprints a record is replayed under: this code's, and those of
+#: every shorter prefix of its op list.  New ops are only ever appended to
+#: base.Op, so a record of the release before one (an unclean stop's log,
+#: its batches acked and not yet in LMDB) names the same classes, fields
+#: and indices: refused, it held the store closed until that release ran
+#: again (DeleteConsumer's addition).  A changed field of any op changes
+#: every fingerprint from it on: refused still.
+#: Each maps to its prefix's length: a record's kind indices stay below it.
+_LOG_SCHEMAS_READ = {_log_schema(n): n for n in range(1, len(_LOG_KINDS) + 1)}
 
 
 #: Enums an op field may hold (AmendMessage.kind): pickled by name.
@@ -838,14 +854,15 @@ class _PlainUnpickler(pickle.Unpickler):
 def _decode_ops(payload: bytes) -> tuple[Op, ...]:
     """The ops of a record written by :func:`_encode_ops`.  Raises ValueError
     (another schema, or not such a record) or pickle.UnpicklingError."""
-    if payload[:4] != _LOG_SCHEMA:
+    kinds = _LOG_SCHEMAS_READ.get(payload[:4])
+    if kinds is None:
         raise ValueError("the record was written by a pimcore with other store ops (start that version once to apply it)")
     runs = _PlainUnpickler(io.BytesIO(payload[4:])).load()
     if not isinstance(runs, list):
         raise ValueError("a command log record is not a list of runs of ops")
     ops: list[Op] = []
     for run in runs:
-        if not (isinstance(run, tuple) and len(run) == 2 and type(run[0]) is int and 0 <= run[0] < len(_LOG_KINDS)
+        if not (isinstance(run, tuple) and len(run) == 2 and type(run[0]) is int and 0 <= run[0] < kinds
                 and isinstance(run[1], list) and all(isinstance(fields, tuple) for fields in run[1])):
             raise ValueError("a command log record holds something that is not a run of ops")
         kind = _LOG_KINDS[run[0]]
