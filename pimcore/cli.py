@@ -1473,8 +1473,8 @@ def _bench_shape(args: argparse.Namespace, shapes: dict[str, tuple[int, int, boo
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, format_compare, plot_histograms,
-                          print_result, run_bench, run_compare)
+    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, broker_environment, format_compare,
+                          plot_histograms, print_result, run_bench, run_compare)
 
     problem = _bench_shape(args, SHAPES)
     if problem is not None:
@@ -1532,6 +1532,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             generator=args.generator,
         )
+        if cfg.url is None:
+            # (Its own broker takes no setting from the caller's environment:
+            # an operator's $PIMCORE_WEBHOOKS_URL got the bench's traffic.)
+            _, dropped = broker_environment(cfg)
+            if dropped:
+                print(f"pimcore bench: ignored from the environment: {', '.join(dropped)} (the bench's broker is its"
+                      " own)", file=sys.stderr)
         if args.compare:
             import json
 

@@ -246,6 +246,42 @@ def _proc_memory(pid: int) -> dict[str, int]:
     return out
 
 
+#: ``PIMCORE_*`` variables the bench's own broker keeps from the caller's
+#: environment: the project's own (build, test hooks, the backend selector
+#: -- replaced by --backend), none a setting.  Every other one is left out
+#: (broker_environment): an operator's shell with $PIMCORE_WEBHOOKS_URL,
+#: $PIMCORE_MODERATION_URL or $PIMCORE_STORE exported had the bench's
+#: traffic POSTed to the production services and written to that Redis (a
+#: new user's trial).  $PIMCORE_CONFIG (a settings file) and
+#: $PIMCORE_API_KEY (the CLI's HTTP key) are left out too.
+def _kept_env(name: str) -> bool:
+    from .config import OTHER_ENV, OTHER_ENV_PREFIXES
+
+    if name in ("PIMCORE_CONFIG", "PIMCORE_API_KEY"):
+        return False
+    return name in OTHER_ENV or name.startswith(OTHER_ENV_PREFIXES)
+
+
+def broker_environment(cfg: BenchConfig, secret: str = "") -> tuple[dict[str, str], list[str]]:
+    """(the environment of the broker bench starts, the PIMCORE_* variables
+    of the caller's left out of it that had a value, sorted): the caller's
+    environment without its settings' PIMCORE_* and $PIMCORE_CONFIG -- the
+    bench's broker is configured by bench alone (its flags, ``secret`` as
+    $PIMCORE_SECRET, ``cfg.backend`` as $PIMCORE_BACKEND)."""
+    env: dict[str, str] = {}
+    dropped = []
+    for name, value in os.environ.items():
+        if name.startswith("PIMCORE_") and not _kept_env(name):
+            if value and name != "PIMCORE_SECRET":  # (bench reads $PIMCORE_SECRET for --url only)
+                dropped.append(name)
+            continue
+        env[name] = value
+    env["PIMCORE_SECRET"] = secret
+    if cfg.backend:
+        env["PIMCORE_BACKEND"] = cfg.backend
+    return env, sorted(dropped)
+
+
 class BrokerProcess:
     """``python -m pimcore serve`` on a fresh data directory, for benchmarks.
 
@@ -281,9 +317,7 @@ class BrokerProcess:
         cfg = self.config
         if cfg.mode == "group":
             _create_group(os.path.join(self.data_dir, "store"), cfg.group_size, cfg.durability)
-        env = dict(os.environ, PIMCORE_SECRET=self.secret)
-        if cfg.backend:
-            env["PIMCORE_BACKEND"] = cfg.backend
+        env, _ = broker_environment(cfg, self.secret)  # (none of the caller's settings)
         cmd = [
             sys.executable, "-m", "pimcore", "serve",
             "--data-dir", self.data_dir,

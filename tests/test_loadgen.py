@@ -654,3 +654,56 @@ def test_a_run_of_milliseconds_says_its_cpu_figure_is_too_coarse() -> None:
     doc = json.loads(r.stdout)
     assert doc["broker_cpu_us_per_msg"] is None and doc["broker_cpu_reason"].startswith("run too short"), doc
     assert doc["acked"] == 2 and doc["acked_per_s"] > 0
+
+
+def test_the_benchs_broker_takes_no_settings_from_the_callers_environment(tmp_path: Path) -> None:
+    """A new user's trial: run from an operator's shell with
+    $PIMCORE_WEBHOOKS_URL, $PIMCORE_MODERATION_URL and $PIMCORE_STORE
+    exported, the bench's own broker took them: its traffic was POSTed to
+    the production webhook and moderation services and written to that
+    Redis.  Every setting's PIMCORE_* (and $PIMCORE_CONFIG) is now left
+    out of the broker's environment, said on stderr; a listener at the URLs
+    they name hears nothing, and the run succeeds."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    heard: list[bytes] = []
+
+    def listen() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    heard.append(conn.recv(200) or b"(connected)")
+                except OSError:
+                    heard.append(b"(connected)")
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    at = f"127.0.0.1:{server.getsockname()[1]}"
+    env = {"PIMCORE_MODERATION_URL": f"http://{at}/moderate", "PIMCORE_MODERATION_POLICY": "open",
+           "PIMCORE_WEBHOOKS_URL": f"http://{at}/hook", "PIMCORE_STORE": f"redis://{at}/0",
+           "PIMCORE_LIMITS_MAX_PAYLOAD": "8",
+           "PIMCORE_CONFIG": str(tmp_path / "no-such.toml"), "PIMCORE_SERVER_HISTORY_MAX_COUNT": "",
+           "TMPDIR": str(tmp_path)}
+    try:
+        r = run_pimcore("bench", "-n", "20", "-c", "1", "--warmup", "0", "--durability", "os", "--no-pin",
+                        "--no-progress", "--json", env=env, timeout=120)
+    finally:
+        server.close()
+        thread.join(5)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert heard == [], heard  # no webhook, no moderation request
+    doc = json.loads(r.stdout)
+    assert doc["acked"] == 20 and not doc["errors"], doc
+    if os.environ.get("PIMCORE_BACKEND"):  # (the backend selector is no setting: kept without --backend)
+        assert doc["broker"]["backend"] == os.environ["PIMCORE_BACKEND"], doc["broker"]
+    assert ("pimcore bench: ignored from the environment: PIMCORE_CONFIG, PIMCORE_LIMITS_MAX_PAYLOAD,"
+            " PIMCORE_MODERATION_POLICY, PIMCORE_MODERATION_URL, PIMCORE_STORE, PIMCORE_WEBHOOKS_URL (the bench's"
+            " broker is its own)") in r.stderr, r.stderr
+    assert not list(tmp_path.glob("pimcore-*")), list(tmp_path.iterdir())
