@@ -365,6 +365,16 @@ class BrokerProcess:
         raise BenchError("the broker did not start:\n" + "".join(lines))
 
     def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.ready and isinstance(exc[1] if len(exc) > 1 else None, BenchError):
+            # The generator failed or gave up: a broker on its way out (a
+            # graceful stop closes the connections first, then exits) is
+            # given a moment to finish, so that its exit is said and not the
+            # generator's "connection closed during login" (a new user's
+            # trial: exit 2, the generator blamed for a broker that died).
+            try:
+                self.proc.wait(BROKER_EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc is not None and self.ready and self.proc.poll() is not None:
             self.exited = self.proc.returncode
         if self.proc is not None and self.proc.poll() is None:
@@ -384,6 +394,10 @@ class BrokerProcess:
             self.proc.stdout.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
+
+#: Seconds a broker still running when the generator failed is given to exit
+#: on its own (a graceful stop's last steps) before it is told a live one.
+BROKER_EXIT_GRACE = 2.0
 
 #: Lines of a broker's last words quoted when it died part-way through a run.
 BROKER_LAST_LINES = 5
@@ -905,6 +919,10 @@ def _run_trio(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle:
             raise leaf from None
         if isinstance(leaf, OSError):
             raise BenchUnreachable(f"cannot reach the broker at {url}: {leaf}") from None
+        if isinstance(leaf, (trio.BrokenResourceError, trio.ClosedResourceError)):
+            # (A connection reset during the logins: a traceback, not a word
+            # of the broker, which had died -- a new user's trial.)
+            raise BenchError(f"a connection to the broker at {url} broke: {leaf}") from None
         raise
     except OSError as exc:
         raise BenchUnreachable(f"cannot reach the broker at {url}: {exc}") from None

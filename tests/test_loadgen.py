@@ -707,3 +707,39 @@ def test_the_benchs_broker_takes_no_settings_from_the_callers_environment(tmp_pa
             " PIMCORE_MODERATION_POLICY, PIMCORE_MODERATION_URL, PIMCORE_STORE, PIMCORE_WEBHOOKS_URL (the bench's"
             " broker is its own)") in r.stderr, r.stderr
     assert not list(tmp_path.glob("pimcore-*")), list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("generator, sig", [("c", "SIGTERM"), ("c", "SIGKILL"), ("python", "SIGTERM")])
+def test_a_broker_that_exits_before_the_measured_window_is_said_as_a_broker_exit(
+        generator: str, sig: str, monkeypatch, capsys) -> None:
+    """A new user's trial: the bench's broker died during the logins and
+    bench said "the C load generator failed (exit 2): loadgen: connection
+    closed during login", exit 2 -- blaming the generator (and 2 is the
+    refused-option status).  A broker stopping (SIGTERM: it closes the
+    connections first, then takes a moment to exit) right after it said
+    "ready", while the generator logs in: bench waits for it, says the broker
+    exited (its status, its last lines) with the generator's words after,
+    exit 1."""
+    import signal
+
+    from pimcore import loadgen
+    from pimcore.cli import main
+
+    if generator == "c" and loadgen.c_generator()[0] is None:
+        pytest.skip("no C load generator (cc)")
+    ready = loadgen.BrokerProcess._wait_ready
+
+    def ready_then_stopped(self: BrokerProcess) -> None:
+        ready(self)
+        assert self.proc is not None
+        os.kill(self.proc.pid, getattr(signal, sig))
+
+    monkeypatch.setattr(loadgen.BrokerProcess, "_wait_ready", ready_then_stopped)
+    rc = main(["bench", "-c", "2", "-d", "1", "--warmup", "0.5", "--durability", "os", "--no-pin", "--no-progress",
+               "--generator", generator, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err.startswith("pimcore bench: the broker exited part-way through the run ("), err
+    if sig == "SIGKILL":
+        assert "(killed by SIGKILL)" in err, err
+    assert "(the generator: " in err and "Traceback" not in err, err
