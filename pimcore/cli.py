@@ -1502,10 +1502,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def _on_sigterm(signum: int, frame: object) -> None:
         # SIGTERM (timeout, a CI's cancel) killed the bench and left its
         # broker's data directory in /tmp, growing (a new user's trial): it
-        # unwinds as Ctrl-C does, through the runs' cleanup.
+        # unwinds as Ctrl-C does, through the runs' cleanup.  SIGHUP (the
+        # terminal closed, an ssh session dropped) left /tmp/pimcore-bench-*
+        # and /tmp/pimcore-loadgen-* behind: the same.
         raise KeyboardInterrupt
 
     before_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    before_hup = signal.getsignal(signal.SIGHUP)
+    if before_hup != signal.SIG_IGN:  # (under nohup it stays ignored: the run goes on)
+        signal.signal(signal.SIGHUP, _on_sigterm)
     try:
         cfg = BenchConfig(
             url=",".join(args.url) if args.url else None,
@@ -1561,12 +1566,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"pimcore bench: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, BenchUnreachable) else EXIT_REFUSED
     except KeyboardInterrupt:
-        # (Ctrl-C, or SIGTERM as _on_sigterm turns it: the runs' own cleanup
+        # (Ctrl-C, or SIGTERM/SIGHUP as _on_sigterm turns it: the runs' own cleanup
         # ran -- brokers stopped, data directories removed -- on the way out.)
         print("pimcore bench: interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, before_term)
+        if before_hup is not None:
+            signal.signal(signal.SIGHUP, before_hup)
     print_result(res, args.json)
     return 1 if res.errors or res.failed else 0  # (failed: the broker it started died part-way)
 

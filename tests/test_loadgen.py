@@ -441,12 +441,14 @@ def test_a_path_that_is_not_utf8_is_echoed_with_its_bytes_as_the_cli_says_them(m
     assert "udcff" not in said
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_bench_stopped_by_a_signal_cleans_up_and_says_so(tmp_path: Path, sig: str) -> None:
     """A new user's trial: SIGTERM (timeout, a CI's cancel) killed the bench
     and left its broker's data directory in /tmp, still growing; Ctrl-C
     cleaned up but printed a KeyboardInterrupt traceback.  Both now unwind
-    through the runs' cleanup and say "interrupted", exit 130."""
+    through the runs' cleanup and say "interrupted", exit 130.  SIGHUP (the
+    terminal closed, an ssh session dropped) left /tmp/pimcore-bench-* and
+    /tmp/pimcore-loadgen-* behind: it does the same."""
     import signal
     import subprocess
     import time
