@@ -1459,6 +1459,9 @@ def _bench_shape(args: argparse.Namespace, shapes: dict[str, tuple[int, int, boo
         args.window = DEFAULT_BENCH_WINDOW if args.window is None else args.window
         return None
     conns, window, online = shapes[args.shape]
+    if args.group is not None:  # (a group run ignored the shape's layout -- a new user's trial)
+        return (f"--shape {args.shape} is a shape of 1:1 chats: it conflicts with --group {args.group} (drop one"
+                f" of them; a group run takes -c and -w)")
     for flag, given, want in (("--conns", args.conns, conns), ("--window", args.window, window)):
         if given is not None and given != want:
             return (f"--shape {args.shape} is {conns} connection(s) x {window} in flight: it conflicts with"
@@ -1816,7 +1819,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shape", choices=["1x1", "1x64", "50x16", "e2e-1x64"],
                    help="a shape of BENCHMARKS.md's side-by-side tables (sets --conns, --window and --offline; given with"
-                        " it, they must say the same): 1x1, 1x64 and 50x16 are"
+                        " it, they must say the same; 1:1 chats, not with --group): 1x1, 1x64 and 50x16 are"
                         " senders only; e2e-1x64 has a recipient that acks every push")
     p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
                    help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"

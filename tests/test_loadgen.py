@@ -170,6 +170,12 @@ def test_cli_table_and_bad_flags() -> None:
      "--shape 1x64 is 1 connection(s) x 64 in flight: it conflicts with --window 32"),
     (["--shape", "e2e-1x64", "--offline"],
      "--shape e2e-1x64 has a recipient online acking every push: it conflicts with --offline"),
+    # A new user's trial: --shape with --group was accepted and the group
+    # run ignored the shape's layout (--compare refuses --group).
+    (["--shape", "1x64", "--group", "100"],
+     "--shape 1x64 is a shape of 1:1 chats: it conflicts with --group 100 (drop one of them"),
+    (["--shape", "50x16", "--group", "1000", "-c", "50"],
+     "--shape 50x16 is a shape of 1:1 chats: it conflicts with --group 1000 (drop one of them"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_meaningless_numeric_flags_are_refused_naming_the_flag(flags: list, said: str, capsys) -> None:
     """``--group 0`` ran a 1:1 benchmark silently (0 read as no --group);
