@@ -1476,8 +1476,8 @@ def _bench_shape(args: argparse.Namespace, shapes: dict[str, tuple[int, int, boo
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, broker_environment, format_compare,
-                          plot_histograms, print_result, run_bench, run_compare)
+    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchRunFailed, BenchUnreachable, broker_environment,
+                          format_compare, plot_histograms, print_result, run_bench, run_compare)
 
     problem = _bench_shape(args, SHAPES)
     if problem is not None:
@@ -1567,7 +1567,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             plot_histograms(res, args.plot)
     except (ValueError, BenchError, OSError) as exc:
         print(f"pimcore bench: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, BenchUnreachable) else EXIT_REFUSED
+        return EXIT_FAILED if isinstance(exc, (BenchUnreachable, BenchRunFailed)) else EXIT_REFUSED
     except KeyboardInterrupt:
         # (Ctrl-C, or SIGTERM/SIGHUP as _on_sigterm turns it: the runs' own cleanup
         # ran -- brokers stopped, data directories removed -- on the way out.)

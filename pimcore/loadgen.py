@@ -96,6 +96,11 @@ class BenchUnreachable(BenchError):
     mistake in the command (``pimcore bench`` exits 1 for it, not 2)."""
 
 
+class BenchRunFailed(BenchError):
+    """The run failed part-way for no mistake in the command (the generator
+    killed by a signal, say): ``pimcore bench`` exits 1, as unreachable."""
+
+
 class BenchBrokerExited(BenchUnreachable):
     """The broker this run started exited part-way and the generator could
     not finish at all (no result to report): exit 1, as unreachable."""
@@ -1363,8 +1368,14 @@ def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: l
         if proc.returncode == 3:
             what = {"pim": "broker", "resp": "redis-server", "mqtt": "mosquitto"}[proto]
             raise BenchUnreachable(f"cannot reach the {what} at {host}:{port}: {err.strip().split(': ', 2)[-1]}")
+        last = [line.strip() for line in err.splitlines() if line.strip()][-GENERATOR_LAST_LINES:]
+        words = " | ".join(last) or "(no output)"
+        if proc.returncode < 0:
+            # (It said "failed (exit -9): " with nothing after the colon, exit
+            # 2 as a refused option -- a new user's trial: a failed run, 1.)
+            raise BenchRunFailed(f"the C load generator was {_exit_words(proc.returncode)}: {words}")
         if proc.returncode != 0 or not out:
-            raise BenchError(f"the C load generator failed (exit {proc.returncode}): {err.strip()}")
+            raise BenchError(f"the C load generator failed (exit {proc.returncode}): {words}")
         with open(ack_path, "rb") as f:
             out["ack_lat"] = f.read()
         with open(del_path, "rb") as f:
@@ -1390,6 +1401,9 @@ def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: l
 
 
 _ERROR_CODES = frozenset(int(c) for c in ErrorCode)
+
+#: Lines of the C generator's stderr quoted when it failed.
+GENERATOR_LAST_LINES = 3
 
 
 def _c_progress(cfg: BenchConfig, line: str, elapsed: float) -> None:

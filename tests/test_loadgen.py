@@ -751,3 +751,24 @@ def test_a_broker_that_exits_before_the_measured_window_is_said_as_a_broker_exit
     if sig == "SIGKILL":
         assert "(killed by SIGKILL)" in err, err
     assert "(the generator: " in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("said, tail", [("", "(no output)"), ("loadgen: first\\nloadgen: last words", "loadgen: first | loadgen: last words")])
+def test_a_generator_killed_by_a_signal_says_the_signal_and_fails_the_run(said: str, tail: str, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    """A new user's trial: a C generator killed by a signal gave "the C load
+    generator failed (exit -9): " -- nothing after the colon -- and exit 2,
+    the refused-option status.  It now says the signal by name and the
+    generator's last words (or "(no output)"), exit 1: a failed run."""
+    from pimcore import loadgen
+    from pimcore.cli import main
+
+    exe = tmp_path / "loadgen"
+    exe.write_text(f"#!/bin/sh\nprintf '{said}' >&2\nkill -KILL $$\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(loadgen, "c_generator", lambda: (str(exe), ""))
+    rc = main(["bench", "-n", "5", "-c", "1", "--warmup", "0", "--durability", "os", "--no-pin", "--no-progress",
+               "--generator", "c"])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, ""), (rc, out, err)
+    assert err == f"pimcore bench: the C load generator was killed by SIGKILL: {tail}\n", err
