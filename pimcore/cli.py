@@ -1459,6 +1459,9 @@ def _bench_shape(args: argparse.Namespace, shapes: dict[str, tuple[int, int, boo
         args.window = DEFAULT_BENCH_WINDOW if args.window is None else args.window
         return None
     conns, window, online = shapes[args.shape]
+    if args.group is not None:  # (a group run ignored the shape's layout -- a new user's trial)
+        return (f"--shape {args.shape} is a shape of 1:1 chats: it conflicts with --group {args.group} (drop one"
+                f" of them; a group run takes -c and -w)")
     for flag, given, want in (("--conns", args.conns, conns), ("--window", args.window, window)):
         if given is not None and given != want:
             return (f"--shape {args.shape} is {conns} connection(s) x {window} in flight: it conflicts with"
@@ -1473,8 +1476,8 @@ def _bench_shape(args: argparse.Namespace, shapes: dict[str, tuple[int, int, boo
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchUnreachable, format_compare, plot_histograms,
-                          print_result, run_bench, run_compare)
+    from .loadgen import (SHAPES, BenchConfig, BenchError, BenchRunFailed, BenchUnreachable, broker_environment,
+                          format_compare, plot_histograms, print_result, run_bench, run_compare)
 
     problem = _bench_shape(args, SHAPES)
     if problem is not None:
@@ -1502,10 +1505,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def _on_sigterm(signum: int, frame: object) -> None:
         # SIGTERM (timeout, a CI's cancel) killed the bench and left its
         # broker's data directory in /tmp, growing (a new user's trial): it
-        # unwinds as Ctrl-C does, through the runs' cleanup.
+        # unwinds as Ctrl-C does, through the runs' cleanup.  SIGHUP (the
+        # terminal closed, an ssh session dropped) left /tmp/pimcore-bench-*
+        # and /tmp/pimcore-loadgen-* behind: the same.
         raise KeyboardInterrupt
 
     before_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    before_hup = signal.getsignal(signal.SIGHUP)
+    if before_hup != signal.SIG_IGN:  # (under nohup it stays ignored: the run goes on)
+        signal.signal(signal.SIGHUP, _on_sigterm)
     try:
         cfg = BenchConfig(
             url=",".join(args.url) if args.url else None,
@@ -1532,6 +1540,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             generator=args.generator,
         )
+        if cfg.url is None:
+            # (Its own broker takes no setting from the caller's environment:
+            # an operator's $PIMCORE_WEBHOOKS_URL got the bench's traffic.)
+            _, dropped = broker_environment(cfg)
+            if dropped:
+                print(f"pimcore bench: ignored from the environment: {', '.join(dropped)} (the bench's broker is its"
+                      " own)", file=sys.stderr)
         if args.compare:
             import json
 
@@ -1552,14 +1567,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             plot_histograms(res, args.plot)
     except (ValueError, BenchError, OSError) as exc:
         print(f"pimcore bench: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, BenchUnreachable) else EXIT_REFUSED
+        return EXIT_FAILED if isinstance(exc, (BenchUnreachable, BenchRunFailed)) else EXIT_REFUSED
     except KeyboardInterrupt:
-        # (Ctrl-C, or SIGTERM as _on_sigterm turns it: the runs' own cleanup
+        # (Ctrl-C, or SIGTERM/SIGHUP as _on_sigterm turns it: the runs' own cleanup
         # ran -- brokers stopped, data directories removed -- on the way out.)
         print("pimcore bench: interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, before_term)
+        if before_hup is not None:
+            signal.signal(signal.SIGHUP, before_hup)
     print_result(res, args.json)
     return 1 if res.errors or res.failed else 0  # (failed: the broker it started died part-way)
 
@@ -1802,7 +1819,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shape", choices=["1x1", "1x64", "50x16", "e2e-1x64"],
                    help="a shape of BENCHMARKS.md's side-by-side tables (sets --conns, --window and --offline; given with"
-                        " it, they must say the same): 1x1, 1x64 and 50x16 are"
+                        " it, they must say the same; 1:1 chats, not with --group): 1x1, 1x64 and 50x16 are"
                         " senders only; e2e-1x64 has a recipient that acks every push")
     p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
                    help="auto (default): the one-thread C generator (bench/loadgen.c, built with cc on first use)"

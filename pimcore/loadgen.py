@@ -96,6 +96,11 @@ class BenchUnreachable(BenchError):
     mistake in the command (``pimcore bench`` exits 1 for it, not 2)."""
 
 
+class BenchRunFailed(BenchError):
+    """The run failed part-way for no mistake in the command (the generator
+    killed by a signal, say): ``pimcore bench`` exits 1, as unreachable."""
+
+
 class BenchBrokerExited(BenchUnreachable):
     """The broker this run started exited part-way and the generator could
     not finish at all (no result to report): exit 1, as unreachable."""
@@ -246,6 +251,42 @@ def _proc_memory(pid: int) -> dict[str, int]:
     return out
 
 
+#: ``PIMCORE_*`` variables the bench's own broker keeps from the caller's
+#: environment: the project's own (build, test hooks, the backend selector
+#: -- replaced by --backend), none a setting.  Every other one is left out
+#: (broker_environment): an operator's shell with $PIMCORE_WEBHOOKS_URL,
+#: $PIMCORE_MODERATION_URL or $PIMCORE_STORE exported had the bench's
+#: traffic POSTed to the production services and written to that Redis (a
+#: new user's trial).  $PIMCORE_CONFIG (a settings file) and
+#: $PIMCORE_API_KEY (the CLI's HTTP key) are left out too.
+def _kept_env(name: str) -> bool:
+    from .config import OTHER_ENV, OTHER_ENV_PREFIXES
+
+    if name in ("PIMCORE_CONFIG", "PIMCORE_API_KEY"):
+        return False
+    return name in OTHER_ENV or name.startswith(OTHER_ENV_PREFIXES)
+
+
+def broker_environment(cfg: BenchConfig, secret: str = "") -> tuple[dict[str, str], list[str]]:
+    """(the environment of the broker bench starts, the PIMCORE_* variables
+    of the caller's left out of it that had a value, sorted): the caller's
+    environment without its settings' PIMCORE_* and $PIMCORE_CONFIG -- the
+    bench's broker is configured by bench alone (its flags, ``secret`` as
+    $PIMCORE_SECRET, ``cfg.backend`` as $PIMCORE_BACKEND)."""
+    env: dict[str, str] = {}
+    dropped = []
+    for name, value in os.environ.items():
+        if name.startswith("PIMCORE_") and not _kept_env(name):
+            if value and name != "PIMCORE_SECRET":  # (bench reads $PIMCORE_SECRET for --url only)
+                dropped.append(name)
+            continue
+        env[name] = value
+    env["PIMCORE_SECRET"] = secret
+    if cfg.backend:
+        env["PIMCORE_BACKEND"] = cfg.backend
+    return env, sorted(dropped)
+
+
 class BrokerProcess:
     """``python -m pimcore serve`` on a fresh data directory, for benchmarks.
 
@@ -281,9 +322,7 @@ class BrokerProcess:
         cfg = self.config
         if cfg.mode == "group":
             _create_group(os.path.join(self.data_dir, "store"), cfg.group_size, cfg.durability)
-        env = dict(os.environ, PIMCORE_SECRET=self.secret)
-        if cfg.backend:
-            env["PIMCORE_BACKEND"] = cfg.backend
+        env, _ = broker_environment(cfg, self.secret)  # (none of the caller's settings)
         cmd = [
             sys.executable, "-m", "pimcore", "serve",
             "--data-dir", self.data_dir,
@@ -331,6 +370,16 @@ class BrokerProcess:
         raise BenchError("the broker did not start:\n" + "".join(lines))
 
     def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.ready and isinstance(exc[1] if len(exc) > 1 else None, BenchError):
+            # The generator failed or gave up: a broker on its way out (a
+            # graceful stop closes the connections first, then exits) is
+            # given a moment to finish, so that its exit is said and not the
+            # generator's "connection closed during login" (a new user's
+            # trial: exit 2, the generator blamed for a broker that died).
+            try:
+                self.proc.wait(BROKER_EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc is not None and self.ready and self.proc.poll() is not None:
             self.exited = self.proc.returncode
         if self.proc is not None and self.proc.poll() is None:
@@ -350,6 +399,10 @@ class BrokerProcess:
             self.proc.stdout.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
+
+#: Seconds a broker still running when the generator failed is given to exit
+#: on its own (a graceful stop's last steps) before it is told a live one.
+BROKER_EXIT_GRACE = 2.0
 
 #: Lines of a broker's last words quoted when it died part-way through a run.
 BROKER_LAST_LINES = 5
@@ -871,6 +924,10 @@ def _run_trio(cfg: BenchConfig, url: str, secret: str, roles: list[_Role], idle:
             raise leaf from None
         if isinstance(leaf, OSError):
             raise BenchUnreachable(f"cannot reach the broker at {url}: {leaf}") from None
+        if isinstance(leaf, (trio.BrokenResourceError, trio.ClosedResourceError)):
+            # (A connection reset during the logins: a traceback, not a word
+            # of the broker, which had died -- a new user's trial.)
+            raise BenchError(f"a connection to the broker at {url} broke: {leaf}") from None
         raise
     except OSError as exc:
         raise BenchUnreachable(f"cannot reach the broker at {url}: {exc}") from None
@@ -1311,8 +1368,14 @@ def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: l
         if proc.returncode == 3:
             what = {"pim": "broker", "resp": "redis-server", "mqtt": "mosquitto"}[proto]
             raise BenchUnreachable(f"cannot reach the {what} at {host}:{port}: {err.strip().split(': ', 2)[-1]}")
+        last = [line.strip() for line in err.splitlines() if line.strip()][-GENERATOR_LAST_LINES:]
+        words = " | ".join(last) or "(no output)"
+        if proc.returncode < 0:
+            # (It said "failed (exit -9): " with nothing after the colon, exit
+            # 2 as a refused option -- a new user's trial: a failed run, 1.)
+            raise BenchRunFailed(f"the C load generator was {_exit_words(proc.returncode)}: {words}")
         if proc.returncode != 0 or not out:
-            raise BenchError(f"the C load generator failed (exit {proc.returncode}): {err.strip()}")
+            raise BenchError(f"the C load generator failed (exit {proc.returncode}): {words}")
         with open(ack_path, "rb") as f:
             out["ack_lat"] = f.read()
         with open(del_path, "rb") as f:
@@ -1338,6 +1401,9 @@ def _run_c(cfg: BenchConfig, exe: str, proto: str, host: str, port: int, plan: l
 
 
 _ERROR_CODES = frozenset(int(c) for c in ErrorCode)
+
+#: Lines of the C generator's stderr quoted when it failed.
+GENERATOR_LAST_LINES = 3
 
 
 def _c_progress(cfg: BenchConfig, line: str, elapsed: float) -> None:
@@ -1368,16 +1434,18 @@ def _diagnose(res: BenchResult) -> str:
     of the time but it ran for most of each), or round trips (nobody was
     busy: more in flight would go faster)."""
     util = res.broker_cpu_util
-    server = "broker" if res.peer == "pimcore" else res.peer
+    # ("the redis waited for its CPU" -- a new user's trial: the peers by name.)
+    server = {"pimcore": "broker", "redis": "Redis", "mosquitto": "Mosquitto"}.get(res.peer, res.peer)
+    the_server = "the broker" if server == "broker" else server
     refused = sum(res.errors.values()) if res.errors else 0
     if refused and refused >= res.acked:
         # Most sends were answered with an error (a payload above the
         # broker's limit, say): whatever else was busy, that is the story.
         top = ", ".join(f"{code} x{n:,}" for code, n in sorted(res.errors.items(), key=lambda kv: -kv[1])[:3])
-        return (f"refusals: the {server} answered {refused:,} sends with an error ({top}) and acked {res.acked:,};"
+        return (f"refusals: {the_server} answered {refused:,} sends with an error ({top}) and acked {res.acked:,};"
                 f" the figures are not a throughput")
     if res.generator_saturated:
-        return (f"generator CPU ({res.generator_cpu:.0%} of a core): the figures are a lower bound for the {server}")
+        return (f"generator CPU ({res.generator_cpu:.0%} of a core): the figures are a lower bound for {the_server}")
     if util is None:
         return f"unknown ({res.broker_cpu_reason or 'an external broker: its CPU is not visible'})"
     wait = res.broker_cpu_wait
@@ -1389,7 +1457,7 @@ def _diagnose(res: BenchResult) -> str:
         if util + wait >= 0.85:  # always running or runnable: its share of a crowded core was the limit
             return (f"{server} CPU on a shared core: it ran {util:.0%} and waited for its CPU {wait:.0%} of the time"
                     f" (other processes held it); the figures understate it")
-        return (f"CPU contention: the {server} waited for its CPU {wait:.0%} of the time (other processes),"
+        return (f"CPU contention: {the_server} waited for its CPU {wait:.0%} of the time (other processes),"
                 f" ran {util:.0%}; the figures understate it")
     commit = ""
     if res.broker_commit_seconds is not None and res.broker_batches:
@@ -1418,7 +1486,7 @@ def _diagnose(res: BenchResult) -> str:
                     f" off CPU {1 - util:.0%}")
     if res.peer == "redis":
         return (f"fsync wait or round trips (appendfsync always: every reply waits for a write+fsync;"
-                f" redis CPU {util:.0%} of one core)")
+                f" Redis CPU {util:.0%} of one core)")
     return (f"round trips: neither side was busy ({server} CPU {util:.0%}, generator {res.generator_cpu:.0%}"
             + (f"; {commit}" if commit else "") + "); more in flight would go faster")
 
@@ -1952,6 +2020,12 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
         raise BenchError("--compare runs 1:1 shapes only (no --group)")
     if cfg.online and peer == "redis":
         notes.append("Redis runs the senders only (XADD, no reader): its figures are send->reply, not end to end")
+    if peer == "redis" and cfg.durability == "os":
+        # (As the mosquitto comparison says its peer never fsyncs: here it is
+        # pimcore that did not -- a new user's trial read the table as like
+        # for like.)
+        notes.append("pimcore: durability os -- it did not fsync before a SendAck, while Redis (appendfsync always)"
+                     " fsyncs before every reply: not like for like (--durability log or sync is)")
     if peer == "mosquitto":
         notes.append(f"Mosquitto: QoS 1, persistence false -- it never fsyncs before a PUBACK"
                      f" (pimcore: durability {cfg.durability})")
@@ -1968,6 +2042,9 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
             if on_round is not None:
                 on_round(i, name, res)
         out.append(row)
+    coarse = _coarse_note(out, peer)
+    if coarse:  # (the text said it, --json's notes did not -- a new user's trial)
+        notes.append(coarse)
     median, counted = _compare_medians(out, peer)
 
     def ratio(k: str) -> Optional[float]:
@@ -1989,6 +2066,14 @@ def run_compare(cfg: BenchConfig, peer: str = "redis", rounds: int = 3,
         "ratio": ratios,
         "notes": notes,
     }
+
+
+def _coarse_note(rounds: list[dict[str, Any]], peer: str) -> Optional[str]:
+    """The note of rounds too short for a server CPU figure (their CPU
+    µs/msg is '-' in the table, null in --json), or None."""
+    coarse = next((r[n].get("server_cpu_reason") for r in rounds for n in ("pimcore", peer)
+                   if r[n].get("server_cpu_reason")), None)
+    return f"CPU µs/msg '-': {coarse.split(' and ')[0]}" if coarse else None
 
 
 def format_compare(rep: dict[str, Any]) -> str:
@@ -2034,17 +2119,20 @@ def format_compare(rep: dict[str, Any]) -> str:
         lines.append(row("median", name, rep["median"][name]))
     ra = rep["ratio"]
     lines.append("")
-    lines.append(f"pimcore / {peer}: acked sends/s {num(ra['acked_per_s'], '.2f')}x, p50 send->ack"
-                 f" {num(ra['p50'], '.2f')}x, server CPU per message {num(ra['server_cpu_us_per_msg'], '.2f')}x")
+
+    def times(v: Optional[float]) -> str:  # (it said "-x" for no ratio -- a new user's trial)
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    lines.append(f"pimcore / {peer}: acked sends/s {times(ra['acked_per_s'])}, p50 send->ack"
+                 f" {times(ra['p50'])}, server CPU per message {times(ra['server_cpu_us_per_msg'])}")
     if e2e:
-        lines.append(f"pimcore / {peer}: deliveries/s {num(ra.get('deliveries_per_s'), '.2f')}x, p50 send->delivery"
-                     f" {num(ra.get('delivery_p50'), '.2f')}x")
+        lines.append(f"pimcore / {peer}: deliveries/s {times(ra.get('deliveries_per_s'))}, p50 send->delivery"
+                     f" {times(ra.get('delivery_p50'))}")
     if any(r[n]["errors"] for r in rep["rounds"] for n in ("pimcore", peer)):
         lines.append("WARNING: some runs had errors (see --json)")
-    coarse = next((r[n].get("server_cpu_reason") for r in rep["rounds"] for n in ("pimcore", peer)
-                   if r[n].get("server_cpu_reason")), None)
-    if coarse:
-        lines.append(f"note: CPU µs/msg '-': {coarse.split(' and ')[0]}")
+    coarse = _coarse_note(rep["rounds"], peer)
+    if coarse and coarse not in rep["notes"]:  # (a report of before the note was among the notes)
+        lines.append(f"note: {coarse}")
     for n in rep["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

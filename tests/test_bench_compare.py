@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from dataclasses import replace
 import os
 import shutil
 import socket
@@ -329,7 +330,7 @@ def test_diagnosis_names_the_limit() -> None:
                           broker_messages_stored=10))
     assert os_commit.startswith("commit wait (durability os")
     assert d(_result(broker_cpu_util=None)).startswith("unknown")
-    assert d(_result(peer="redis", broker_cpu_util=0.95)).startswith("redis CPU")
+    assert d(_result(peer="redis", broker_cpu_util=0.95)).startswith("Redis CPU")
     shared = d(_result(broker_cpu_util=0.4, broker_cpu_wait=0.5, broker_commit_seconds=4.0, broker_batches=1,
                        broker_messages_stored=1))
     assert shared.startswith("broker CPU on a shared core: it ran 40% and waited for its CPU 50%")
@@ -602,3 +603,38 @@ def test_every_run_of_a_compare_is_pinned_as_the_first() -> None:
     finally:
         mp.undo()
         os.sched_setaffinity(0, cpus)
+
+
+def test_compare_redis_reads_as_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's trial of --compare redis: the ratio line said "server
+    CPU per message -x" when a side had no CPU figure, the limit column
+    "the redis waited for its CPU", the text's "run too short" note was
+    missing from --json's ``notes`` (an empty list), and --durability os
+    against Redis's appendfsync always carried no word that pimcore did not
+    fsync (the mosquitto comparison says its peer never does)."""
+    why = "run too short: the kernel counts CPU in 10 ms ticks and the server used 2 of them (fewer than 5: no figure)"
+
+    def fake(peer: str) -> object:
+        def run(cfg: BenchConfig) -> BenchResult:
+            return _result(peer=peer, config={"durability": cfg.durability, "warmup": 0.0},
+                           ack_latency_us={"p50": 500.0, "p99": 600.0}, broker_cpu_util=None,
+                           broker_cpu_us_per_msg=None, broker_cpu_reason=why)
+        return run
+
+    monkeypatch.setattr(loadgen, "run_bench", fake("pimcore"))
+    monkeypatch.setattr(loadgen, "run_redis", fake("redis"))
+    monkeypatch.setattr(loadgen.shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    cfg = BenchConfig(conns=1, count=10, online=False, **{**SMALL, "window": 1})  # (SMALL: durability os)
+    rep = run_compare(cfg, "redis", rounds=1)
+    table = format_compare(rep)
+    assert "-x" not in table and "server CPU per message n/a" in table, table
+    assert any(n.startswith("CPU µs/msg '-': run too short") for n in rep["notes"]), rep["notes"]
+    fsync = [n for n in rep["notes"] if "did not fsync" in n]
+    assert fsync and "appendfsync always" in fsync[0], rep["notes"]
+    assert table.count("run too short") == 1, table  # (said once, as a note)
+    assert json.loads(json.dumps(rep))["notes"] == rep["notes"]
+    assert not [n for n in run_compare(replace(cfg, durability="sync"), "redis", rounds=1)["notes"]
+                if "did not fsync" in n]
+    contention = loadgen._diagnose(_result(peer="redis", broker_cpu_util=0.3, broker_cpu_wait=0.3))
+    assert contention.startswith("CPU contention: Redis waited for its CPU 30% of the time"), contention
+    assert "the redis" not in contention

@@ -170,6 +170,12 @@ def test_cli_table_and_bad_flags() -> None:
      "--shape 1x64 is 1 connection(s) x 64 in flight: it conflicts with --window 32"),
     (["--shape", "e2e-1x64", "--offline"],
      "--shape e2e-1x64 has a recipient online acking every push: it conflicts with --offline"),
+    # A new user's trial: --shape with --group was accepted and the group
+    # run ignored the shape's layout (--compare refuses --group).
+    (["--shape", "1x64", "--group", "100"],
+     "--shape 1x64 is a shape of 1:1 chats: it conflicts with --group 100 (drop one of them"),
+    (["--shape", "50x16", "--group", "1000", "-c", "50"],
+     "--shape 50x16 is a shape of 1:1 chats: it conflicts with --group 1000 (drop one of them"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_meaningless_numeric_flags_are_refused_naming_the_flag(flags: list, said: str, capsys) -> None:
     """``--group 0`` ran a 1:1 benchmark silently (0 read as no --group);
@@ -441,12 +447,14 @@ def test_a_path_that_is_not_utf8_is_echoed_with_its_bytes_as_the_cli_says_them(m
     assert "udcff" not in said
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_bench_stopped_by_a_signal_cleans_up_and_says_so(tmp_path: Path, sig: str) -> None:
     """A new user's trial: SIGTERM (timeout, a CI's cancel) killed the bench
     and left its broker's data directory in /tmp, still growing; Ctrl-C
     cleaned up but printed a KeyboardInterrupt traceback.  Both now unwind
-    through the runs' cleanup and say "interrupted", exit 130."""
+    through the runs' cleanup and say "interrupted", exit 130.  SIGHUP (the
+    terminal closed, an ssh session dropped) left /tmp/pimcore-bench-* and
+    /tmp/pimcore-loadgen-* behind: it does the same."""
     import signal
     import subprocess
     import time
@@ -654,3 +662,113 @@ def test_a_run_of_milliseconds_says_its_cpu_figure_is_too_coarse() -> None:
     doc = json.loads(r.stdout)
     assert doc["broker_cpu_us_per_msg"] is None and doc["broker_cpu_reason"].startswith("run too short"), doc
     assert doc["acked"] == 2 and doc["acked_per_s"] > 0
+
+
+def test_the_benchs_broker_takes_no_settings_from_the_callers_environment(tmp_path: Path) -> None:
+    """A new user's trial: run from an operator's shell with
+    $PIMCORE_WEBHOOKS_URL, $PIMCORE_MODERATION_URL and $PIMCORE_STORE
+    exported, the bench's own broker took them: its traffic was POSTed to
+    the production webhook and moderation services and written to that
+    Redis.  Every setting's PIMCORE_* (and $PIMCORE_CONFIG) is now left
+    out of the broker's environment, said on stderr; a listener at the URLs
+    they name hears nothing, and the run succeeds."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    heard: list[bytes] = []
+
+    def listen() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    heard.append(conn.recv(200) or b"(connected)")
+                except OSError:
+                    heard.append(b"(connected)")
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    at = f"127.0.0.1:{server.getsockname()[1]}"
+    env = {"PIMCORE_MODERATION_URL": f"http://{at}/moderate", "PIMCORE_MODERATION_POLICY": "open",
+           "PIMCORE_WEBHOOKS_URL": f"http://{at}/hook", "PIMCORE_STORE": f"redis://{at}/0",
+           "PIMCORE_LIMITS_MAX_PAYLOAD": "8",
+           "PIMCORE_CONFIG": str(tmp_path / "no-such.toml"), "PIMCORE_SERVER_HISTORY_MAX_COUNT": "",
+           "TMPDIR": str(tmp_path)}
+    try:
+        r = run_pimcore("bench", "-n", "20", "-c", "1", "--warmup", "0", "--durability", "os", "--no-pin",
+                        "--no-progress", "--json", env=env, timeout=120)
+    finally:
+        server.close()
+        thread.join(5)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert heard == [], heard  # no webhook, no moderation request
+    doc = json.loads(r.stdout)
+    assert doc["acked"] == 20 and not doc["errors"], doc
+    if os.environ.get("PIMCORE_BACKEND"):  # (the backend selector is no setting: kept without --backend)
+        assert doc["broker"]["backend"] == os.environ["PIMCORE_BACKEND"], doc["broker"]
+    assert ("pimcore bench: ignored from the environment: PIMCORE_CONFIG, PIMCORE_LIMITS_MAX_PAYLOAD,"
+            " PIMCORE_MODERATION_POLICY, PIMCORE_MODERATION_URL, PIMCORE_STORE, PIMCORE_WEBHOOKS_URL (the bench's"
+            " broker is its own)") in r.stderr, r.stderr
+    assert not list(tmp_path.glob("pimcore-*")), list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("generator, sig", [("c", "SIGTERM"), ("c", "SIGKILL"), ("python", "SIGTERM")])
+def test_a_broker_that_exits_before_the_measured_window_is_said_as_a_broker_exit(
+        generator: str, sig: str, monkeypatch, capsys) -> None:
+    """A new user's trial: the bench's broker died during the logins and
+    bench said "the C load generator failed (exit 2): loadgen: connection
+    closed during login", exit 2 -- blaming the generator (and 2 is the
+    refused-option status).  A broker stopping (SIGTERM: it closes the
+    connections first, then takes a moment to exit) right after it said
+    "ready", while the generator logs in: bench waits for it, says the broker
+    exited (its status, its last lines) with the generator's words after,
+    exit 1."""
+    import signal
+
+    from pimcore import loadgen
+    from pimcore.cli import main
+
+    if generator == "c" and loadgen.c_generator()[0] is None:
+        pytest.skip("no C load generator (cc)")
+    ready = loadgen.BrokerProcess._wait_ready
+
+    def ready_then_stopped(self: BrokerProcess) -> None:
+        ready(self)
+        assert self.proc is not None
+        os.kill(self.proc.pid, getattr(signal, sig))
+
+    monkeypatch.setattr(loadgen.BrokerProcess, "_wait_ready", ready_then_stopped)
+    rc = main(["bench", "-c", "2", "-d", "1", "--warmup", "0.5", "--durability", "os", "--no-pin", "--no-progress",
+               "--generator", generator, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "", (rc, out, err)
+    assert err.startswith("pimcore bench: the broker exited part-way through the run ("), err
+    if sig == "SIGKILL":
+        assert "(killed by SIGKILL)" in err, err
+    assert "(the generator: " in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("said, tail", [("", "(no output)"), ("loadgen: first\\nloadgen: last words", "loadgen: first | loadgen: last words")])
+def test_a_generator_killed_by_a_signal_says_the_signal_and_fails_the_run(said: str, tail: str, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    """A new user's trial: a C generator killed by a signal gave "the C load
+    generator failed (exit -9): " -- nothing after the colon -- and exit 2,
+    the refused-option status.  It now says the signal by name and the
+    generator's last words (or "(no output)"), exit 1: a failed run."""
+    from pimcore import loadgen
+    from pimcore.cli import main
+
+    exe = tmp_path / "loadgen"
+    exe.write_text(f"#!/bin/sh\nprintf '{said}' >&2\nkill -KILL $$\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(loadgen, "c_generator", lambda: (str(exe), ""))
+    rc = main(["bench", "-n", "5", "-c", "1", "--warmup", "0", "--durability", "os", "--no-pin", "--no-progress",
+               "--generator", "c"])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, ""), (rc, out, err)
+    assert err == f"pimcore bench: the C load generator was killed by SIGKILL: {tail}\n", err
