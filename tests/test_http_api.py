@@ -1095,6 +1095,30 @@ async def test_an_ack_with_a_null_or_non_string_consumer_is_400_naming_the_field
             assert await call(c, "POST", "/v1/events/ack", {"upto": last}) == (200, {"consumer": "default", "cursor": last})
 
 
+async def test_the_webhook_senders_consumer_is_not_read_or_acked_through_the_api(tmp_path: Path) -> None:
+    """POST /v1/events/ack {"consumer": "webhook", ...} moved the webhook
+    sender's own cursor: the events it had not delivered were never sent
+    (a trial), and an ack made before webhooks were configured skipped
+    those recorded before.  The name is the sender's: reading or acking it
+    is 400, nothing moved; listing shows it, and deleting a stale one
+    (webhooks off) works."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"x")
+            last = (await im.event_cursor("default"))[1]
+            status, doc = await call(c, "POST", "/v1/events/ack", {"consumer": "webhook", "upto": last})
+            assert_error(status, doc, 400, "BAD_REQUEST")
+            assert "webhook sender" in doc["error"]["message"], doc
+            for path in ("/v1/events?consumer=webhook", "/v1/events/stream?consumer=webhook"):
+                status, doc = await call(c, "GET", path)
+                assert_error(status, doc, 400, "BAD_REQUEST")
+                assert "webhook sender" in doc["error"]["message"], doc
+            assert await im.event_consumers() == []  # nothing created, nothing acked
+            await im.ack_events(0, "webhook")  # (a stale cursor of a sender configured once)
+            assert await call(c, "DELETE", "/v1/events/consumers/webhook") == (200, {"consumer": "webhook", "deleted": True})
+
+
 async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_taken(tmp_path: Path) -> None:
     """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
     item's "idempotencykey" stored without a key, {"history-visible": true}

@@ -150,6 +150,20 @@ _MAX_INT = (1 << 63) - 1
 _U64 = (1 << 64) - 1
 
 
+def _not_the_senders(consumer: str) -> str:
+    """``consumer``, or HttpError 400 when it is the webhook sender's own
+    (pimcore.webhooks.WEBHOOK_CONSUMER): its cursor is what the sender
+    delivered, and an ack through the API moved it past events never sent
+    -- made before webhooks were configured, it skipped those recorded
+    before (a trial).  Listing and deleting it stay open."""
+    from ..webhooks import WEBHOOK_CONSUMER
+
+    if consumer == WEBHOOK_CONSUMER:
+        raise _bad(f"consumer {WEBHOOK_CONSUMER!r} is the webhook sender's own (its cursor is what it delivered):"
+                   " read and ack events as another consumer")
+    return consumer
+
+
 def _bad(message: str) -> HttpError:
     return HttpError(400, "BAD_REQUEST", message)
 
@@ -745,7 +759,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
 
     async def events(request: Request) -> tuple[int, Any]:
         need_events()
-        consumer = _query(request, "consumer", str, "default")
+        consumer = _not_the_senders(_query(request, "consumer", str, "default"))
         # A live reader while it reads (a long-poll waits): DELETE
         # /v1/events/consumers/{consumer} answers 409 meanwhile.
         with handle._reading(consumer):
@@ -803,7 +817,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
 
     async def event_stream(request: Request) -> tuple[int, Any]:
         need_events()
-        consumer = _query(request, "consumer", str, "default")
+        consumer = _not_the_senders(_query(request, "consumer", str, "default"))
         after: Optional[int] = _query(request, "after", int, None, 0, _U64)
         limit = _query(request, "limit", int, 50, 1, MAX_STREAM_PAGE)
         keepalive = _query(request, "keepalive", float, 15.0, 0.05, 300)
@@ -869,6 +883,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         if not isinstance(consumer, str):
             raise _bad(f"field 'consumer' must be a string (a consumer id), not {_json_kind(consumer)};"
                        ' leave it out for "default"')
+        _not_the_senders(consumer)
         upto = _field(body, "upto", int, hi=_U64)
         # The handle clamps an ack past the last event to it: refused here
         # (past_last), nothing acked.
