@@ -728,6 +728,21 @@ class Pimcore:
         return sender != SYSTEM and (self.server.config.broker.content_filter is not None
                                      or self.server.moderator is not None)
 
+    async def _may_store(self, conv: str, payload: bytes, sender: str) -> bool:
+        """False for a post as ``sender`` the broker refuses anyway -- over
+        max_payload, a malformed or unknown conversation, a sender not a
+        member -- checked before the content checks: such posts went to the
+        moderation service first, and with it down under the closed policy
+        came back INTERNAL, "send again later", instead of their own final
+        error (a trial).  A read of the members; the store checks them again
+        when the post is stored (membership may change meanwhile)."""
+        if len(payload) > self.server.broker.config.limits.max_payload:
+            return False
+        try:
+            return sender in await self.members(conv)
+        except RequestRefused:
+            return False
+
     async def _check_post(
         self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None], what: str = "",
     ) -> Optional[RequestRefused]:
@@ -737,6 +752,8 @@ class Pimcore:
         (post, post_many, the HTTP API, the C ABI) comes through here."""
         if not self._checked(sender):
             return None
+        if not await self._may_store(conv, payload, sender):
+            return None  # (the broker refuses it with its own error, unasked)
         from .core import idempotency_local_id
 
         # The local id the message will have; None without a key (the

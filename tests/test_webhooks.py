@@ -790,6 +790,32 @@ async def test_moderation_without_an_answer_follows_the_policy(tmp_path: Path, p
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.records  # (no traceback)
 
 
+async def test_a_host_post_the_broker_would_refuse_is_not_sent_to_moderation(tmp_path: Path) -> None:
+    # A trial: a non-member's post, a post to a group that does not exist
+    # and one over max_payload were POSTed to the moderation service first,
+    # and with the service down under the closed policy answered INTERNAL
+    # ("send again later") instead of their own, final error.  The checks
+    # the broker makes anyway come first.
+    mod = await Moderation().bind()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mod.serve)
+            async with _moderated(tmp_path, mod, "closed") as im:
+                await im.create_group("team", ["alice", "bob"])
+                too_big = b"x" * (im.server.broker.config.limits.max_payload + 1)
+                for conv, payload, sender, code in (("team", b"hi", "mallory", ErrorCode.NOT_MEMBER),
+                                                    ("nosuch", b"hi", "alice", ErrorCode.UNKNOWN_CONVERSATION),
+                                                    ("team", too_big, "alice", ErrorCode.PAYLOAD_TOO_LARGE),
+                                                    ("d:alice:bob", b"hi", "carol", ErrorCode.NOT_MEMBER)):
+                    with pytest.raises(RequestRefused) as refused:
+                        await im.post(conv, payload, sender=sender, device="web", idempotency_key="k")
+                    assert refused.value.code is code, (conv, sender, refused.value)
+                assert mod.asked == []
+                assert (await im.post("team", b"hi", sender="alice", device="web")).seq == 1
+                assert len(mod.asked) == 1
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_pending_moderation_call_holds_up_only_its_sender(tmp_path: Path) -> None:
     mod = await Moderation().bind()
     mod.gate = trio.Event()
