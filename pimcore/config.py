@@ -524,7 +524,7 @@ def _parse_env(name: str, typ: str, text: str) -> Any:
             return True
         if low in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{name}: expected true or false, got {_show(text)}")
+        raise ConfigError(f"{name}: expected true or false (or 1/0, yes/no, on/off), got {_show(text)}")
     if typ == "list":
         parts = [part.strip() for part in s.split(",")]
         _not_empty(name, typ, [part for part in parts if part])  # (only commas: "the list is empty")

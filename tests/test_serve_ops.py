@@ -286,7 +286,7 @@ def test_print_config_with_settings_reads_back_as_itself(tmp_path: Path) -> None
     [
         ({"PIMCORE_LIMITS_SEND_RATE": "fast"}, ['limits.send_rate: expected a number, got "fast"', "PIMCORE_LIMITS_SEND_RATE"]),
         ({"PIMCORE_LIMITS_WINDOW": "2.5"}, ['limits.window: expected an integer, got "2.5"']),
-        ({"PIMCORE_SERVER_COMMIT_IN_THREAD": "maybe"}, ['server.commit_in_thread: expected true or false, got "maybe"']),
+        ({"PIMCORE_SERVER_COMMIT_IN_THREAD": "maybe"}, ['server.commit_in_thread: expected true or false (or 1/0, yes/no, on/off), got "maybe"']),
         ({"PIMCORE_LOG_LEVEL": "loud"}, ["log_level", "loud"]),
         ({"PIMCORE_HTTP": "ws://127.0.0.1:0"}, ["http", "scheme"]),
         ({"PIMCORE_HTTP": "tls://127.0.0.1:0"}, ["http", "certificate"]),
