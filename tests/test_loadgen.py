@@ -656,12 +656,25 @@ def test_a_run_of_milliseconds_says_its_cpu_figure_is_too_coarse() -> None:
     assert r.returncode == 0, r.stderr
     assert "broker CPU         n/a per send, run too short: the kernel counts CPU in" in r.stdout, r.stdout
     assert "acked sends" in r.stdout and "send -> SendAck" in r.stdout and "limited by" in r.stdout
+    assert "(run too short for a steady rate: 2 sends in flight at once against 2 acked" in r.stdout, r.stdout
     r = run_pimcore("bench", "-n", "2", "-c", "1", "--warmup", "0", "--durability", "os", "--no-pin", "--no-progress",
                     "--json", timeout=120)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["broker_cpu_us_per_msg"] is None and doc["broker_cpu_reason"].startswith("run too short"), doc
     assert doc["acked"] == 2 and doc["acked_per_s"] > 0
+    # The rate too (a trial: -d 0.01 said 80,000 acked/s, a 2 s run 30,800):
+    # the sends in flight at the start, acked in the first round trip, are
+    # most of such a run.
+    assert doc["rate_note"].startswith("run too short for a steady rate: 2 sends in flight at once"), doc
+
+
+def test_a_steady_run_has_no_rate_note() -> None:
+    from pimcore.loadgen import rate_note
+
+    assert rate_note(acked=8_000, in_flight=800) is None
+    assert rate_note(acked=7_999, in_flight=800) == ("run too short for a steady rate: 800 sends in flight at once"
+                                                     " against 7,999 acked (want 10x as many acked; run longer)")
 
 
 def test_the_benchs_broker_takes_no_settings_from_the_callers_environment(tmp_path: Path) -> None:
