@@ -562,7 +562,7 @@ def test_a_broker_that_dies_part_way_fails_the_run_and_says_so(generator: str, s
             pytest.skip("no C load generator (cc)")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    p = subprocess.Popen([*PIMCORE, "bench", "-c", "2", "-d", "2", "--warmup", "0.2", "--durability", "os", "--no-pin",
+    p = subprocess.Popen([*PIMCORE, "bench", "-c", "2", "-d", "6", "--warmup", "0.2", "--durability", "os", "--no-pin",
                           "--no-progress", "--generator", generator, "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env({"TMPDIR": str(tmp)}))
     try:
@@ -570,7 +570,9 @@ def test_a_broker_that_dies_part_way_fails_the_run_and_says_so(generator: str, s
         while (broker := _broker_of(p.pid)) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert broker is not None, "no broker started"
-        time.sleep(1.2)  # logged in (a couple of tenths of a second) and sending: part-way through
+        # Logged in (a couple of tenths of a second; seconds on a loaded CI
+        # machine) and sending: part-way through.
+        time.sleep(3.0)
         os.kill(broker, getattr(signal, sig))
         out, err = p.communicate(timeout=60)
     finally:
@@ -578,6 +580,12 @@ def test_a_broker_that_dies_part_way_fails_the_run_and_says_so(generator: str, s
             p.kill()
             p.wait()
     assert p.returncode == 1, (p.returncode, out, err)
+    assert not list(tmp.glob("pimcore-*")), list(tmp.iterdir())
+    if not out and "the broker exited" in err and "(the generator: " in err:
+        # On a loaded machine (a CI run) the kill can come before the window
+        # began, during the logins: then there is no report, only the
+        # broker's exit -- the other correct outcome (and its own test's).
+        return
     doc = json.loads(out)
     assert doc["failed"].startswith("the broker exited part-way through the run"), doc["failed"]
     status = doc["broker_exit"]["status"]
