@@ -346,8 +346,9 @@ PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto
  * (nothing changed; PIM_OK either way).
  * Errors: PIM_ERR_INVALID (no events, consumer not a valid id),
  * PIM_ERR_REFUSED (the consumer is in use: its event callback is set, or
- * another reader of this broker reads it -- remove the callback first;
- * nothing deleted), PIM_ERR_STORE, PIM_ERR_STOPPED. */
+ * another reader of this broker reads it, or one read or acked it within
+ * the last [server] consumer_idle seconds (60) -- remove the callback
+ * first, and wait; nothing deleted), PIM_ERR_STORE, PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_delete_consumer(pim_broker *b, const char *consumer, int *out_deleted);
 
 /* Free memory the library returned (pim_token_issue).  NULL is a no-op. */

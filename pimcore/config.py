@@ -43,6 +43,7 @@ Example (every key optional)::
     history_max_age = 0.0              # seconds: older entries leave every conversation without its own setting (0: keep)
     history_max_count = 0              # entries kept per such conversation, the newest (0: no limit)
     dedupe_window = 60.0               # seconds: retention removes nothing younger, so a retry is still deduplicated (0: no bound)
+    consumer_idle = 60.0               # seconds after a host event consumer was last read or acked: deleting it is refused until then
     reclaim_interval = 60.0            # seconds between reclaim passes (inbox entries, devices, history retention)
 
     [messages]                         # recall, edit, delete-for-self (AmendReq); seconds, 0 = no limit
@@ -167,6 +168,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "server": {
         "idle_timeout": "float", "login_timeout": "float", "ack_delay": "float", "max_outbound_bytes": "int",
         "max_outbound_total": "int", "max_connections": "int", "commit_in_thread": "bool", "hook_timeout": "float", "read_timeout": "float",
+        "consumer_idle": "float",
         "control_rate": "float", "control_burst": "int", "events": "bool",
         "typing_ttl": "float", "typing_rate": "float", "typing_burst": "int", "typing_max_members": "int",
         "presence_max_users": "int",

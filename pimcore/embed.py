@@ -179,15 +179,24 @@ class ConsumerInUse(PimError, RuntimeError):
     reader in this broker -- an open :meth:`Pimcore.events` stream, a
     :meth:`Pimcore.next_events` call waiting, an event handler
     (``set_event_handler``), the webhook sender, an HTTP ``/v1/events``
-    long-poll or stream.  Deleting its cursor under it would restart it
-    from 0 at its next read, silently: stop the reader first.  Nothing
-    was deleted."""
+    long-poll or stream -- or was read or acked here within the last
+    ``[server] consumer_idle`` seconds (``ago``: how long ago, s; None for
+    a live reader): a reader that polls between its reads.  Deleting its
+    cursor under it would restart it from 0 at its next read, silently,
+    past what it had not read: stop the reader first.  Nothing was
+    deleted."""
 
-    def __init__(self, consumer: str) -> None:
-        super().__init__(f"delete_consumer: consumer {_show(consumer)} is in use by a reader of this broker (an open"
-                         " events() stream, a next_events() call, an event handler, the webhook sender, an HTTP"
-                         " /v1/events long-poll or stream): stop it first, or its next read restarts from 0")
+    def __init__(self, consumer: str, ago: Optional[float] = None, idle: float = 0.0) -> None:
+        if ago is None:
+            said = ("is in use by a reader of this broker (an open events() stream, a next_events() call, an event"
+                    " handler, the webhook sender, an HTTP /v1/events long-poll or stream)")
+        else:
+            said = (f"was read or acked {ago:.1f} s ago, within [server] consumer_idle ({idle:g} s): a reader that"
+                    " polls may still be reading it")
+        super().__init__(f"delete_consumer: consumer {_show(consumer)} {said}: stop it first, or its next read restarts"
+                         " from 0")
         self.consumer = consumer
+        self.ago = ago
 
 
 #: The message of :class:`EventsDisabled` (and of the HTTP API's 409
@@ -429,6 +438,12 @@ class Pimcore:
         #: A lock, not the trio loop: a stream is let go (weakref.finalize)
         #: in whatever thread drops it last -- an asyncio or threaded host's.
         self._readers: dict[str, int] = {}
+        #: consumer -> when (time.monotonic) a reader of this broker last let
+        #: it go or acked it: a poller between two reads is no live reader,
+        #: yet deleting its cursor then dropped what it had not read (a
+        #: trial) -- refused within ``consumer_idle`` of it, as Kafka keeps a
+        #: group's member for its session timeout after its last poll.
+        self._last_read: dict[str, float] = {}
         self._readers_lock = threading.Lock()
         #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
         self.http: Optional[Any] = None
@@ -1327,6 +1342,8 @@ class Pimcore:
                 raise _store_failed("event ack", self.server.store_failure_cause())
             raise RequestRefused(result.code, f"ack_events {_show(consumer)}: {result.code.name}")
         assert isinstance(result, EventsAcked)
+        with self._readers_lock:
+            self._touch_reader(consumer)
         return result.cursor
 
     async def delete_consumer(self, consumer: str = "default") -> bool:
@@ -1348,13 +1365,14 @@ class Pimcore:
         that starts while the delete is in flight is not refused.)"""
         self._need_events()
         _check_consumer(consumer, "delete_consumer")
-        if self.consumer_in_use(consumer):
+        if self._in_use(consumer) is True:
             # A stream let go inside a reference cycle (a cancelled task's
             # traceback holds its frame) counts until the cycle collector
             # runs: once, here -- a rare operator call, not a hot path.
             gc.collect()
-            if self.consumer_in_use(consumer):
-                raise ConsumerInUse(consumer)
+        used = self._in_use(consumer)
+        if used is not False:
+            raise ConsumerInUse(consumer, None if used is True else float(used), self.server.config.consumer_idle)
         result = await self.server.host_call(self.server.broker.delete_consumer, consumer)
         # Whatever the answer: a later read must make sure of a cursor again.
         self._held.discard(consumer)
@@ -1380,10 +1398,33 @@ class Pimcore:
         return list(page.consumers[:limit])
 
     def consumer_in_use(self, consumer: str) -> bool:
-        """Does a reader of this broker read ``consumer`` now (what
+        """Does a reader of this broker read ``consumer`` now, or did one
+        read or ack it within ``[server] consumer_idle`` seconds (what
         :meth:`delete_consumer` refuses: :class:`ConsumerInUse`)?"""
+        return self._in_use(consumer) is not False
+
+    def _in_use(self, consumer: str) -> Union[bool, float]:
+        """False; True for a live reader; else the seconds since ``consumer``
+        was last read or acked here, when within ``consumer_idle``."""
+        idle = self.server.config.consumer_idle
         with self._readers_lock:
-            return self._readers.get(consumer, 0) > 0
+            if self._readers.get(consumer, 0) > 0:
+                return True
+            at = self._last_read.get(consumer)
+        if at is None:
+            return False
+        ago = time.monotonic() - at
+        return ago if ago < idle else False
+
+    def _touch_reader(self, consumer: str) -> None:
+        """``consumer`` was read or acked now (under _readers_lock)."""
+        now = time.monotonic()
+        last = self._last_read
+        last[consumer] = now
+        if len(last) > 4096:  # (bounded: names an HTTP client made up come and go)
+            idle = self.server.config.consumer_idle
+            for name in [n for n, at in last.items() if now - at >= idle]:
+                del last[name]
 
     def _reader(self, consumer: str) -> Callable[[], None]:
         """Count a live reader of ``consumer``; returns its release (once)."""
@@ -1397,6 +1438,7 @@ class Pimcore:
                 if done:
                     return
                 done = True
+                self._touch_reader(consumer)
                 left = self._readers[consumer] - 1
                 if left:
                     self._readers[consumer] = left

@@ -549,7 +549,7 @@ async def test_delete_consumer_frees_the_reclaim_a_stray_reader_held(tmp_path: P
     from pimcore.embed import ConsumerInUse
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02, dedupe_window=0) as im:
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02, dedupe_window=0, consumer_idle=0) as im:
             await im.create_group("team", ["alice", "bob"])
             await im.set_retention("team", max_count=1)  # its floor shows a reclaim pass ran
             for i in range(3):
@@ -602,11 +602,41 @@ async def test_delete_consumer_frees_the_reclaim_a_stray_reader_held(tmp_path: P
             assert bad.value.code is ErrorCode.BAD_REQUEST and "delete_consumer" in str(bad.value)
 
 
+async def test_delete_consumer_refuses_a_consumer_a_poller_read_within_consumer_idle(tmp_path: Path) -> None:
+    # A trial: a consumer that polls (GET a page, ack, GET again) holds no
+    # request open between its reads; deleted then, the next reclaim dropped
+    # what the others had acked and it had not read, and its next read
+    # started from the oldest event kept -- events 6-10 gone for it.
+    # Refused now within [server] consumer_idle of its last read or ack.
+    from pimcore.embed import ConsumerInUse
+
+    with trio.fail_after(30):
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, reclaim_interval=0.02, dedupe_window=0,
+                                consumer_idle=0.5) as im:
+            await im.create_group("team", ["alice"])
+            for i in range(10):
+                await im.post("team", b"m%d" % i)
+            _, page = await im.next_events("p", limit=5)
+            await im.ack_events(page[-1].id, "p")
+            _, rest = await im.next_events("q", limit=100)
+            await im.ack_events(rest[-1].id, "q")
+            with pytest.raises(ConsumerInUse) as refused:
+                await im.delete_consumer("p")
+            assert refused.value.ago is not None and refused.value.ago < 0.5
+            assert "within [server] consumer_idle (0.5 s)" in str(refused.value), str(refused.value)
+            await trio.sleep(0.6)  # (no read since: idle)
+            assert await im.delete_consumer("p") is True
+            # A reader of a name never read here is no poller: deleted at once.
+            await im.ack_events(0, "stray")
+            await trio.sleep(0.6)
+            assert await im.delete_consumer("stray") is True
+
+
 async def test_delete_consumer_refuses_a_consumer_a_reader_is_waiting_on(tmp_path: Path) -> None:
     from pimcore.embed import ConsumerInUse
 
     with trio.fail_after(30):
-        async with open_pimcore(data_dir=tmp_path / "d", events=True) as im:
+        async with open_pimcore(data_dir=tmp_path / "d", events=True, consumer_idle=0) as im:
             await im.create_group("team", ["alice"])
             await im.post("team", b"m0")
             _, last = await im.event_cursor("poller")
@@ -630,7 +660,7 @@ def test_asyncio_handle_deletes_a_consumer_and_refuses_one_with_an_open_stream(t
     from pimcore.embed import ConsumerInUse
 
     async def main() -> None:
-        async with pa.open_pimcore(data_dir=tmp_path / "data", events=True) as im:
+        async with pa.open_pimcore(data_dir=tmp_path / "data", events=True, consumer_idle=0) as im:
             await im.create_group("team", ["alice"])
             await im.post("team", b"p0")
             stream = im.events("typo")

@@ -1103,7 +1103,7 @@ async def test_the_webhook_senders_consumer_is_not_read_or_acked_through_the_api
     is 400, nothing moved; listing shows it, and deleting a stale one
     (webhooks off) works."""
     with trio.fail_after(60):
-        async with api(tmp_path, events=True) as (im, h, c):
+        async with api(tmp_path, events=True, consumer_idle=0) as (im, h, c):
             await im.create_group("team", ["alice"])
             await im.post("team", b"x")
             last = (await im.event_cursor("default"))[1]
@@ -1341,7 +1341,7 @@ async def test_an_operator_lists_event_consumers_and_deletes_a_stray_one(tmp_pat
     from test_http_batch_sse import Sse
 
     with trio.fail_after(30):
-        async with api(tmp_path, events=True) as (im, h, c):
+        async with api(tmp_path, events=True, consumer_idle=0) as (im, h, c):
             await im.create_group("team", ["alice"])
             await im.post("team", b"m0")
             assert await call(c, "GET", "/v1/events/consumers") == (200, {"consumers": [], "more": False})

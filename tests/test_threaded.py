@@ -1001,7 +1001,7 @@ def test_delete_consumer_refuses_a_consumer_with_a_handler_and_deletes_it_once_r
     # its next read restart from 0, silently.
     from pimcore.embed import ConsumerInUse
 
-    with _start(tmp_path / "d", events=True) as im:
+    with _start(tmp_path / "d", events=True, consumer_idle=0) as im:
         im.create_group("team", ["alice"])
         im.post("team", b"m0")
         seen = threading.Event()

@@ -808,7 +808,7 @@ static int keep_every_event(const pim_event *ev, void *userdata)
 static int run_argument_checks(const char *dir)
 {
     pim_broker *b = NULL;
-    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true}}",
+    snprintf(config, sizeof config, "{\"data_dir\": \"%s\", \"durability\": \"os\", \"server\": {\"events\": true, \"consumer_idle\": 0}}",
              dir);
     /* The header version: 0.1.0 (100) up to this header's. */
     CHECK_RC(pim_broker_start_(config, &b, -5), PIM_ERR_VERSION);

@@ -198,11 +198,19 @@ class ServerConfig:
     #: have no such limit: a write that may have committed cannot be
     #: declared failed.
     read_timeout: float = 10.0
+    #: Seconds after a reader of this broker last read or acked a host event
+    #: consumer during which deleting that consumer is refused
+    #: (pimcore.embed.ConsumerInUse): a poller between two reads holds no
+    #: request open, and deleting its cursor then dropped what it had not
+    #: read.  0: only readers holding one open are protected.
+    consumer_idle: float = 60.0
     #: The pre-send moderation webhook (a :class:`pimcore.webhooks.ModerationConfig`),
     #: asked after the content filter let a message through; None: none.
     moderation: Any = None
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.consumer_idle, (int, float)) and 0 <= self.consumer_idle <= 86_400):
+            raise ValueError(f"consumer_idle: expected seconds from 0 to 86400, got {self.consumer_idle!r}")
         # No listeners is fine: an embedding host may hand the broker its
         # streams itself (BrokerServer.serve_stream).
         if self.max_outbound_bytes < 1024:
