@@ -255,6 +255,12 @@ def _check_parts(name: str, url: str, wanted: str) -> None:
         raise ValueError(f"{name}: no host in {shown_url(url)!r}: {wanted}")
     if any(c.isspace() or not c.isprintable() for c in host):
         raise ValueError(f"{name}: the host {host!r} is not a host name, in {shown_url(url)!r}: {wanted}")
+    if "%" in host:
+        # (A link-local address's zone, [fe80::1%25eth0]: taken, then every
+        # request failed "Name or service not known", retried forever -- a
+        # trial.  The HTTP client does not send to one.)
+        raise ValueError(f"{name}: an IPv6 zone id ({host!r}) is not supported by the HTTP client, in"
+                         f" {shown_url(url)!r}: use a global address or a host name")
     try:
         port = parts.port  # (ValueError: out of 0..65535, or not digits)
     except ValueError:
