@@ -5,13 +5,14 @@ surfaces: open_pimcore / pimcore serve settings, SDK clients, the handle."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import random
 import signal
 import stat
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import h11
 import pytest
@@ -186,15 +187,21 @@ def test_backoff_is_capped_exponential_with_full_jitter() -> None:
 # ---------------------------------------------------------------- settings
 
 
+def _settings_error(tmp_path: Path, *, text: Optional[str] = None, env: Optional[dict[str, str]] = None,
+                    **flags: Any) -> str:
+    """The ConfigError that load_settings raises for a TOML ``text`` (in
+    ``tmp_path``), an environment and flags."""
+    cfg = None
+    if text is not None:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg) if cfg else None, env=env or {}, **flags)
+    return str(err.value)
+
+
 def test_settings_errors_name_the_key(tmp_path: Path) -> None:
-    def error(*, text: Optional[str] = None, env: Optional[dict[str, str]] = None, **flags) -> str:
-        cfg = None
-        if text is not None:
-            cfg = tmp_path / "c.toml"
-            cfg.write_text(text)
-        with pytest.raises(ConfigError) as err:
-            load_settings(str(cfg) if cfg else None, env=env or {}, **flags)
-        return str(err.value)
+    error = functools.partial(_settings_error, tmp_path)
 
     assert "webhooks.timeout: expected a number" in error(text='[webhooks]\nurl = "http://h/x"\ntimeout = "fast"\n')
     assert "unknown keys in [webhooks]: ['retries']" in error(text='[webhooks]\nurl = "http://h/x"\nretries = 3\n')
@@ -310,14 +317,7 @@ def test_events_false_beside_a_webhook_url_is_refused_not_turned_on(tmp_path: Pa
     # A new user's trial: ``[server] events = false`` with a ``[webhooks] url``
     # was turned into events = true without a word.  Left unset, webhooks
     # still turn it on; said false, it is refused wherever it came from.
-    def error(*, text: Optional[str] = None, env: Optional[dict[str, str]] = None, **flags) -> str:
-        cfg = None
-        if text is not None:
-            cfg = tmp_path / "c.toml"
-            cfg.write_text(text)
-        with pytest.raises(ConfigError) as err:
-            load_settings(str(cfg) if cfg else None, env=env or {}, **flags)
-        return str(err.value)
+    error = functools.partial(_settings_error, tmp_path)
 
     msg = error(text='[server]\nevents = false\n[webhooks]\nurl = "http://h/x"\n')
     assert "server.events: webhooks need the event log" in msg and "events = true, or leave events unset" in msg, msg
