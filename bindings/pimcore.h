@@ -347,8 +347,10 @@ PIM_EXPORT int pim_ack_events(pim_broker *b, const char *consumer, uint64_t upto
  * Errors: PIM_ERR_INVALID (no events, consumer not a valid id),
  * PIM_ERR_REFUSED (the consumer is in use: its event callback is set, or
  * another reader of this broker reads it, or one read or acked it within
- * the last [server] consumer_idle seconds (60) -- remove the callback
- * first, and wait; nothing deleted), PIM_ERR_STORE, PIM_ERR_STOPPED. */
+ * the last [server] consumer_idle seconds (60), or the broker started
+ * within them -- remove the callback first, and wait; nothing deleted; a
+ * name with no cursor is PIM_OK, *out_deleted 0, first), PIM_ERR_STORE,
+ * PIM_ERR_STOPPED. */
 PIM_EXPORT int pim_delete_consumer(pim_broker *b, const char *consumer, int *out_deleted);
 
 /* Free memory the library returned (pim_token_issue).  NULL is a no-op. */

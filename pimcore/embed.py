@@ -19,6 +19,7 @@ embedded LMDB store, the memory store and an asynchronous (networked) store.
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import gc
 import itertools
@@ -97,6 +98,10 @@ MIN_RETENTION_AGE = 60 * 1_000_000
 #: Most host events one :meth:`Pimcore.next_events` page holds (``limit``),
 #: as ``GET /v1/events``'s ``limit``.
 MAX_EVENTS_PAGE = 10_000
+
+#: Most names the recent-read record of :meth:`Pimcore.delete_consumer`'s
+#: ``consumer_idle`` rule holds (the oldest leave first).
+_MAX_RECENT_READS = 65_536
 
 #: Most consumers :meth:`Pimcore.event_consumers` lists (sorted by name):
 #: a broker has a few, an answer stays bounded whatever the store holds.
@@ -186,17 +191,23 @@ class ConsumerInUse(PimError, RuntimeError):
     past what it had not read: stop the reader first.  Nothing was
     deleted."""
 
-    def __init__(self, consumer: str, ago: Optional[float] = None, idle: float = 0.0) -> None:
+    def __init__(self, consumer: str, ago: Optional[float] = None, idle: float = 0.0, restarted: bool = False) -> None:
         if ago is None:
-            said = ("is in use by a reader of this broker (an open events() stream, a next_events() call, an event"
-                    " handler, the webhook sender, an HTTP /v1/events long-poll or stream)")
+            said = ("is in use by a reader of this broker (an open event stream or a waiting read, an event"
+                    " handler or callback, the webhook sender, an HTTP /v1/events long-poll or stream): stop it first")
+        elif restarted:
+            said = (f"may have a poller from before a restart: the broker started {ago:.1f} s ago, within"
+                    f" [server] consumer_idle ({idle:g} s); try again in {max(idle - ago, 0.1):.1f} s, with the"
+                    " reader stopped")
         else:
             said = (f"was read or acked {ago:.1f} s ago, within [server] consumer_idle ({idle:g} s): a reader that"
-                    " polls may still be reading it")
-        super().__init__(f"delete_consumer: consumer {_show(consumer)} {said}: stop it first, or its next read restarts"
-                         " from 0")
+                    f" polls may still be reading it; stop it, and try again in {max(idle - ago, 0.1):.1f} s")
+        super().__init__(f"delete_consumer: consumer {_show(consumer)} {said} (deleted under a reader, the next"
+                         " reclaim would drop what it had not read, and it would restart from the oldest event kept)")
         self.consumer = consumer
         self.ago = ago
+        #: Seconds until a delete may succeed (None: a live reader: when it stops).
+        self.retry_after = None if ago is None else max(idle - ago, 0.0)
 
 
 #: The message of :class:`EventsDisabled` (and of the HTTP API's 409
@@ -443,7 +454,12 @@ class Pimcore:
         #: yet deleting its cursor then dropped what it had not read (a
         #: trial) -- refused within ``consumer_idle`` of it, as Kafka keeps a
         #: group's member for its session timeout after its last poll.
-        self._last_read: dict[str, float] = {}
+        #: Oldest first (an OrderedDict), so expired names leave from the
+        #: front in O(1) each; at most _MAX_RECENT_READS names (a client
+        #: making names up cannot grow it, nor slow each read).  A name
+        #: not in it counts as read at the broker's start: a poller of
+        #: before a restart is protected for consumer_idle after it too.
+        self._last_read: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._readers_lock = threading.Lock()
         #: The HTTP listener (server API, /metrics...) when opened with ``http=URL``.
         self.http: Optional[Any] = None
@@ -1372,7 +1388,16 @@ class Pimcore:
             gc.collect()
         used = self._in_use(consumer)
         if used is not False:
-            raise ConsumerInUse(consumer, None if used is True else float(used), self.server.config.consumer_idle)
+            # A name with no cursor is "not found" first: there is nothing to
+            # delete and nothing a reader could lose (a read with ``after``
+            # and HEAD make none -- they were 409 with no cursor behind).
+            listed = await self.event_consumers()
+            if len(listed) < MAX_EVENT_CONSUMERS and consumer not in dict(listed):
+                return False
+            with self._readers_lock:
+                restarted = consumer not in self._last_read
+            raise ConsumerInUse(consumer, None if used is True else float(used), self.server.config.consumer_idle,
+                                restarted)
         result = await self.server.host_call(self.server.broker.delete_consumer, consumer)
         # Whatever the answer: a later read must make sure of a cursor again.
         self._held.discard(consumer)
@@ -1405,14 +1430,13 @@ class Pimcore:
 
     def _in_use(self, consumer: str) -> Union[bool, float]:
         """False; True for a live reader; else the seconds since ``consumer``
-        was last read or acked here, when within ``consumer_idle``."""
+        was last read or acked here -- or since the broker started, for one
+        not read since -- when within ``consumer_idle``."""
         idle = self.server.config.consumer_idle
         with self._readers_lock:
             if self._readers.get(consumer, 0) > 0:
                 return True
-            at = self._last_read.get(consumer)
-        if at is None:
-            return False
+            at = self._last_read.get(consumer, self._started)
         ago = time.monotonic() - at
         return ago if ago < idle else False
 
@@ -1421,10 +1445,13 @@ class Pimcore:
         now = time.monotonic()
         last = self._last_read
         last[consumer] = now
-        if len(last) > 4096:  # (bounded: names an HTTP client made up come and go)
-            idle = self.server.config.consumer_idle
-            for name in [n for n, at in last.items() if now - at >= idle]:
-                del last[name]
+        last.move_to_end(consumer)
+        idle = self.server.config.consumer_idle
+        while last:
+            name, at = next(iter(last.items()))
+            if now - at < idle and len(last) <= _MAX_RECENT_READS:
+                break
+            del last[name]
 
     def _reader(self, consumer: str) -> Callable[[], None]:
         """Count a live reader of ``consumer``; returns its release (once)."""

@@ -1119,6 +1119,25 @@ async def test_the_webhook_senders_consumer_is_not_read_or_acked_through_the_api
             assert await call(c, "DELETE", "/v1/events/consumers/webhook") == (200, {"consumer": "webhook", "deleted": True})
 
 
+async def test_a_consumer_read_within_consumer_idle_is_409_with_retry_after(tmp_path: Path) -> None:
+    """A poller between two requests holds none open: deleting its consumer
+    then let the reclaim drop what it had not read (a trial).  409 within
+    [server] consumer_idle of its last read or ack, Retry-After saying when."""
+    with trio.fail_after(60):
+        async with api(tmp_path, events=True, consumer_idle=30) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            await im.post("team", b"x")
+            status, page = await call(c, "GET", "/v1/events?consumer=poller")
+            assert status == 200 and page["events"]
+            assert (await call(c, "POST", "/v1/events/ack", {"consumer": "poller", "upto": page["next"]}))[0] == 200
+            status, headers, body = await c.request("DELETE", "/v1/events/consumers/poller", key=KEY)
+            doc = json.loads(body)
+            assert status == 409 and doc["error"]["code"] == "CONSUMER_IN_USE", doc
+            assert "within [server] consumer_idle (30 s)" in doc["error"]["message"], doc
+            assert 1 <= int(headers["retry-after"]) <= 30, headers
+            assert await im.event_consumers() == [("poller", page["next"])]  # nothing deleted
+
+
 async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_taken(tmp_path: Path) -> None:
     """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
     item's "idempotencykey" stored without a key, {"history-visible": true}
@@ -1372,7 +1391,9 @@ async def test_an_operator_lists_event_consumers_and_deletes_a_stray_one(tmp_pat
             while im.consumer_in_use("push"):
                 await trio.sleep(0.02)
             assert await call(c, "DELETE", "/v1/events/consumers/push") == (200, {"consumer": "push", "deleted": True})
-            # A long-poll waiting on a consumer: 409 until it returns.
+            # A long-poll waiting on a consumer (with a cursor): 409 until it
+            # returns.
+            await im.ack_events(0, "poll")
             _, last = await im.event_cursor("poll")
             poller = Http(h.url)
             try:
@@ -1384,8 +1405,11 @@ async def test_an_operator_lists_event_consumers_and_deletes_a_stray_one(tmp_pat
                     await im.post("team", b"m1")  # the long-poll returns
             finally:
                 poller.close()
-            # An embedding reader (an open events() stream) too.
+            # An embedding reader (an open events() stream) too; a name with
+            # no cursor is 404 first (nothing to delete, nothing to lose).
             stream = im.events("embedded")
+            assert_error(*await call(c, "DELETE", "/v1/events/consumers/embedded"), 404, "NO_SUCH_CONSUMER")
+            await im.ack_events(0, "embedded")
             assert_error(*await call(c, "DELETE", "/v1/events/consumers/embedded"), 409, "CONSUMER_IN_USE")
             del stream
-            assert_error(*await call(c, "DELETE", "/v1/events/consumers/embedded"), 404, "NO_SUCH_CONSUMER")
+            assert await call(c, "DELETE", "/v1/events/consumers/embedded") == (200, {"consumer": "embedded", "deleted": True})

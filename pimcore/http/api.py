@@ -908,7 +908,10 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
         try:
             deleted = await handle.delete_consumer(consumer)
         except ConsumerInUse as exc:
-            raise HttpError(409, "CONSUMER_IN_USE", str(exc).removeprefix("delete_consumer: ")) from None
+            # (Retry-After: when the consumer_idle rule would let it, in
+            # whole seconds rounded up; none for a live reader.)
+            after = [] if exc.retry_after is None else [("retry-after", str(max(1, -int(-exc.retry_after // 1))))]
+            raise HttpError(409, "CONSUMER_IN_USE", str(exc).removeprefix("delete_consumer: "), after) from None
         if not deleted:
             raise HttpError(404, "NO_SUCH_CONSUMER", f"no event consumer {_show(consumer)}: it has no durable cursor"
                             " (never read from its cursor, or deleted); nothing deleted")

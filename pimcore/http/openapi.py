@@ -152,7 +152,7 @@ ROUTES: tuple[tuple[str, str, str, Any, tuple[tuple[str, dict[str, Any]], ...], 
          ("consumer", "cursor"), consumer=_STR, cursor=_INT)}, more=_BOOL)),
     ("DELETE", "/v1/events/consumers/{consumer}",
      "Delete a consumer's durable cursor: the reclaim stops waiting for it; reading the name again starts a new"
-     " cursor at 0 (404 NO_SUCH_CONSUMER: none; 409 CONSUMER_IN_USE: a stream, long-poll or handler reads it)",
+     " cursor at 0 (404 NO_SUCH_CONSUMER: none; 409 CONSUMER_IN_USE: a stream, long-poll or handler reads it, or it was read or acked within [server] consumer_idle, or the broker started within it; Retry-After)",
      None, (), 200, _obj(("consumer", "deleted"), consumer=_STR, deleted=_BOOL)),
 )
 
