@@ -1138,6 +1138,36 @@ async def test_a_consumer_read_within_consumer_idle_is_409_with_retry_after(tmp_
             assert await im.event_consumers() == [("poller", page["next"])]  # nothing deleted
 
 
+async def test_a_null_sender_or_device_is_400_not_the_system_or_every_device(tmp_path: Path) -> None:
+    """{"sender": null} posted, edited and recalled as the system, unmoderated
+    (a trial), as {"consumer": null} once acked "default"; {"device": null}
+    would kick or revoke every device.  Each is 400 naming the field, and
+    nothing is done; {"sender": ""} on a recall too."""
+    with trio.fail_after(60):
+        async with api(tmp_path) as (im, h, c):
+            await im.create_group("team", ["alice"])
+            first = await im.post("team", b"hello", sender="alice", device="web")
+            for method, path, body in (
+                    ("POST", "/v1/conversations/team/messages", {"payload": "x", "sender": None}),
+                    ("POST", "/v1/conversations/team/messages", {"payload": "x", "sender": "alice", "device": None}),
+                    ("POST", "/v1/messages", {"messages": [{"conv": "team", "payload": "x", "sender": None}]}),
+                    ("POST", f"/v1/conversations/team/messages/{first.seq}/edit", {"payload": "y", "sender": None}),
+                    ("POST", f"/v1/conversations/team/messages/{first.seq}/recall", {"sender": None}),
+                    ("POST", f"/v1/conversations/team/messages/{first.seq}/recall", {"sender": ""}),
+                    ("POST", f"/v1/conversations/team/messages/{first.seq}/delete", {"user": "alice", "device": None}),
+                    ("POST", "/v1/users/alice/kick", {"device": None}),
+                    ("POST", "/v1/users/alice/revoke", {"device": None}),
+                    ("POST", "/v1/tokens", {"user": "alice", "device": None})):
+                status, doc = await call(c, method, path, body)
+                if path == "/v1/messages" and status == 200:  # (a batch answers per item)
+                    status, doc = 400, doc["results"][0]
+                assert status == 400 and "BAD_REQUEST" in json.dumps(doc), (path, body, status, doc)
+                said = json.dumps(doc)
+                assert "'sender'" in said or "'device'" in said, (path, said)
+            history = await im.history("team", "alice", from_seq=0, backward=False)
+            assert [(m.seq, m.payload, m.sender) for m in history] == [(first.seq, b"hello", "alice")]
+
+
 async def test_an_unknown_field_in_a_body_is_refused_naming_it_and_the_fields_taken(tmp_path: Path) -> None:
     """{"payload": "x", "Sender": "alice"} was posted as the system, a batch
     item's "idempotencykey" stored without a key, {"history-visible": true}

@@ -218,6 +218,16 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING,
 _KIND_NAME = {str: "a string", int: "an integer", list: "an array", bool: "a boolean"}
 
 
+def _not_null(body: dict[str, Any], name: str, left_out: str) -> None:
+    """400 for ``{name: null}`` where leaving ``name`` out means
+    ``left_out``: null taken for "left out" made {"sender": null} post,
+    edit and recall as the system, unmoderated (a trial), and {"device":
+    null} would kick or revoke every device -- a client whose variable was
+    unset is not asking for that."""
+    if name in body and body[name] is None:
+        raise _bad(f"field {name!r} is null: give a string, or leave it out {left_out}")
+
+
 def _json_kind(value: Any) -> str:
     """What a JSON value is, in a refusal's words ("null", "a number")."""
     if value is None:
@@ -319,6 +329,8 @@ def _post_fields(body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
             # storing its surrogatepass bytes would hand readers invalid text.
             raise _bad("field 'payload' holds a lone surrogate, which is not text: send bytes as 'payload_b64'") from None
     kw: dict[str, Any] = {}
+    _not_null(body, "sender", "to post as the system")
+    _not_null(body, "device", "for the device 'http'")
     sender = _field(body, "sender", str, None)
     device = _field(body, "device", str, None)
     if device is not None and sender is None:
@@ -506,10 +518,14 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
 
     def _as(body: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
+        _not_null(body, "sender", "to act as the system")
+        _not_null(body, "device", "for the device 'http'")
         sender = _field(body, "sender", str, None)
         device = _field(body, "device", str, None)
         if device is not None and sender is None:
             raise _bad("field 'device' needs the field 'sender'")
+        if sender == "":  # (it recalled as the system, where a post says why not)
+            raise _bad("field 'sender' cannot be empty: omit it to act as the system")
         if sender:
             kw["sender"], kw["device"] = sender, device if device is not None else "http"
         return kw
@@ -534,6 +550,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def delete_for(request: Request) -> tuple[int, Any]:
         body = _object(request, ("user", "device"))
         user = _field(body, "user", str)
+        _not_null(body, "device", "for the device 'http'")
         kw = _key(request, {"device": _field(body, "device", str, "http")})
         posted = await handle.delete_for(user, request.params["conv"], _seq(request), **kw)
         return 201, _posted(posted)
@@ -619,6 +636,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def kick(request: Request) -> tuple[int, Any]:
         body = _object(request, ("device", "reason"), optional=True)
         user = request.params["user"]
+        _not_null(body, "device", "to kick every device of the user")
         device = _field(body, "device", str, None)
         reason = _field(body, "reason", str, "")
         from ..embed import RequestRefused
@@ -637,6 +655,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
     async def revoke(request: Request) -> tuple[int, Any]:
         body = _object(request, ("device", "before"), optional=True)
         user = request.params["user"]
+        _not_null(body, "device", "to revoke the tokens of every device of the user")
         device = _field(body, "device", str, None)
         before = await handle.revoke(user, device, before=_field(body, "before", int, None))
         return 200, {"user": user, "device": device, "before": before}
@@ -651,6 +670,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
             ttl = 3600
         elif not isinstance(ttl, int) or isinstance(ttl, bool):
             raise _bad("field 'ttl' must be an integer")
+        _not_null(body, "device", "for a token bound to no device")
         try:
             token = handle.issue_token(user, _field(body, "device", str, None), ttl=ttl)
         except ValueError as exc:
