@@ -740,7 +740,7 @@ class Pimcore:
         what = f"{_ACTION_NAMES.get(action, 'post')} in {_show(conv)}"
         _refuse_key(key, what)
         if action == MessageKind.EDIT:
-            refused = await self._check_post(conv, payload, sender, device, key, what)
+            refused = await self._check_post(conv, payload, sender, device, key, what, seq)
             if refused is not None:
                 raise refused
         done = await self.server.host_call(
@@ -759,23 +759,47 @@ class Pimcore:
         return sender != SYSTEM and (self.server.config.broker.content_filter is not None
                                      or self.server.moderator is not None)
 
-    async def _may_store(self, conv: str, payload: bytes, sender: str) -> bool:
-        """False for a post as ``sender`` the broker refuses anyway -- over
-        max_payload, a malformed or unknown conversation, a sender not a
-        member -- checked before the content checks: such posts went to the
-        moderation service first, and with it down under the closed policy
-        came back INTERNAL, "send again later", instead of their own final
-        error (a trial).  A read of the members; the store checks them again
-        when the post is stored (membership may change meanwhile)."""
+    async def _precheck(self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None],
+                        what: str, seq: Optional[int]) -> Optional[RequestRefused]:
+        """The broker's own refusal of a post (or, with ``seq``, an edit) as
+        ``sender`` that it refuses anyway, in its words, or None: checked
+        before the content checks, which asked first -- and under the
+        closed policy with the service down answered INTERNAL, "send again
+        later", instead of the final error (trials).  Malformed ids, the
+        key, the size, the conversation, the sender's membership (one
+        read), and an edit's target (one read: none, another's, recalled).
+        Refused here, never stored unchecked: a member added meanwhile is
+        NOT_MEMBER as if it came a moment earlier.  None when in doubt (the
+        content checks and the broker decide)."""
+        what = what or f"post to {_show(conv)}"
+
+        def refused(code: ErrorCode, why: str = "") -> RequestRefused:
+            return RequestRefused(code, f"{what} refused: {code.name}" + (f": {why}" if why else ""))
+
+        problem = _post_problem(conv, sender, device, key)
+        if problem is not None:
+            return refused(ErrorCode.BAD_REQUEST, problem)
         if len(payload) > self.server.broker.config.limits.max_payload:
-            return False
+            return refused(ErrorCode.PAYLOAD_TOO_LARGE, self._size(payload))
         try:
-            return sender in await self.members(conv)
-        except RequestRefused:
-            return False
+            members = await self.members(conv)
+        except RequestRefused as exc:
+            return refused(exc.code)
+        if sender not in members:
+            return refused(ErrorCode.NOT_MEMBER, f"{_show(sender)} is not a member of {_show(conv)}")
+        if seq is not None:
+            page = await self.history(conv, sender, from_seq=seq - 1, limit=1, backward=False)
+            target = page[0] if page and page[0].seq == seq else None
+            if target is not None and target.kind == MessageKind.MESSAGE:
+                if target.sender != sender:
+                    return refused(ErrorCode.NOT_SENDER)
+                if target.recalled:
+                    return refused(ErrorCode.RECALLED)
+        return None
 
     async def _check_post(
         self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None], what: str = "",
+        seq: Optional[int] = None,
     ) -> Optional[RequestRefused]:
         """The content filter, then moderation, for one post as a user (the
         checks a client's send passes): the refusal (REJECTED, or INTERNAL
@@ -783,8 +807,6 @@ class Pimcore:
         (post, post_many, the HTTP API, the C ABI) comes through here."""
         if not self._checked(sender):
             return None
-        if not await self._may_store(conv, payload, sender):
-            return None  # (the broker refuses it with its own error, unasked)
         from .core import idempotency_local_id
 
         # The local id the message will have; None without a key (the
@@ -795,6 +817,15 @@ class Pimcore:
             local_id = idempotency_local_id(key)
             if local_id is None:
                 return None
+            if _post_problem(conv, sender, device, key) is None and await self.server.stored_before(sender, device,
+                                                                                                    local_id):
+                # A retry of a stored post: the broker answers the original
+                # (checked neither here nor by the content checks), even for
+                # a sender who left since.
+                return None
+        early = await self._precheck(conv, payload, sender, device, key, what, seq)
+        if early is not None:
+            return early
         reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
         if reason is not None:
             return RequestRefused(code, f"{what or f'post to {_show(conv)}'} refused: {reason}")

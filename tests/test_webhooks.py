@@ -22,6 +22,7 @@ from pimcore.client import ClientConfig, SendError, open_client
 from pimcore.config import ConfigError, load_settings
 from pimcore.embed import RequestRefused, open_pimcore
 from pimcore.errors import ErrorCode
+from pimcore.ids import SYSTEM as SYSTEM_ID
 from pimcore.store import LmdbStore, direct_conversation
 from pimcore.store.base import Reclaim, WriteBatch
 from pimcore.webhooks import (
@@ -811,9 +812,29 @@ async def test_a_host_post_the_broker_would_refuse_is_not_sent_to_moderation(tmp
                     with pytest.raises(RequestRefused) as refused:
                         await im.post(conv, payload, sender=sender, device="web", idempotency_key="k")
                     assert refused.value.code is code, (conv, sender, refused.value)
+                # A later trial: a bad or missing device, and edits the broker
+                # refuses (another's message, a recalled one), asked first too.
+                for device in ("d d", SYSTEM_ID):
+                    with pytest.raises(RequestRefused) as refused:
+                        await im.post("team", b"hi", sender="alice", device=device)
+                    assert refused.value.code is ErrorCode.BAD_REQUEST, refused.value
                 assert mod.asked == []
                 assert (await im.post("team", b"hi", sender="alice", device="web")).seq == 1
                 assert len(mod.asked) == 1
+                gone = await im.post("team", b"gone", sender="alice", device="web")
+                await im.recall("team", gone.seq)
+                for seq, code in ((1, ErrorCode.NOT_SENDER), (gone.seq, ErrorCode.RECALLED)):
+                    with pytest.raises(RequestRefused) as refused:
+                        await im.edit("team", seq, b"new", sender="bob", device="web") if code is ErrorCode.NOT_SENDER \
+                            else await im.edit("team", seq, b"new", sender="alice", device="web")
+                    assert refused.value.code is code, refused.value
+                assert len(mod.asked) == 2
+                # A retry of a stored post by a sender who left since: the
+                # original, not NOT_MEMBER (and not asked again).
+                kept = await im.post("team", b"keyed", sender="bob", device="web", idempotency_key="once")
+                await im.remove_members("team", ["bob"])
+                again = await im.post("team", b"keyed", sender="bob", device="web", idempotency_key="once")
+                assert again.seq == kept.seq and again.duplicate and len(mod.asked) == 3
             nursery.cancel_scope.cancel()
 
 
