@@ -1016,7 +1016,8 @@ def rate_note(acked: int, in_flight: int) -> Optional[str]:
     a 10 ms run of 50 x 16 said 80,000 acked/s, a 2 s one 30,800 (a trial)."""
     if in_flight <= 0 or acked >= STEADY_RATE_FACTOR * in_flight:
         return None
-    return (f"run too short for a steady rate: {in_flight:,} sends in flight at once against {acked:,} acked"
+    return (f"run too short for a steady rate: {in_flight:,} send{'s' if in_flight != 1 else ''} in flight at once"
+            f" against {acked:,} acked"
             f" (want {STEADY_RATE_FACTOR}x as many acked; run longer)")
 
 

@@ -253,7 +253,10 @@ def _check_parts(name: str, url: str, wanted: str) -> None:
     host = parts.hostname
     if not host:
         raise ValueError(f"{name}: no host in {shown_url(url)!r}: {wanted}")
-    if any(c.isspace() or not c.isprintable() for c in host):
+    # (RFC 3986 reg-name: unreserved, pct-encoded, sub-delims; ":" only in
+    # an IPv6 literal.  "h\\x" was taken, and failed at every request.)
+    allowed = "-._~!$&'()*+,;=%" + (":" if parts.netloc.rpartition("@")[2].startswith("[") else "")
+    if any(c.isspace() or not c.isprintable() or (c.isascii() and not c.isalnum() and c not in allowed) for c in host):
         raise ValueError(f"{name}: the host {host!r} is not a host name, in {shown_url(url)!r}: {wanted}")
     if "%" in host:
         # (A link-local address's zone, [fe80::1%25eth0]: taken, then every

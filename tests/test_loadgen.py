@@ -681,6 +681,7 @@ def test_a_steady_run_has_no_rate_note() -> None:
     from pimcore.loadgen import rate_note
 
     assert rate_note(acked=8_000, in_flight=800) is None
+    assert rate_note(acked=1, in_flight=1).startswith("run too short for a steady rate: 1 send in flight at once")
     assert rate_note(acked=7_999, in_flight=800) == ("run too short for a steady rate: 800 sends in flight at once"
                                                      " against 7,999 acked (want 10x as many acked; run longer)")
 

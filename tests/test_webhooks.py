@@ -272,6 +272,7 @@ def test_a_url_the_http_client_cannot_send_to_is_refused_at_start(tmp_path: Path
                          ("http://h/\x7f", "a control character ('\\x7f' at 9)"),
                          ("http://host:80:90/", "port '80:90' is not a number"),
                          ("http://[fe80::1%25lo]:28611/ok", "an IPv6 zone id"),
+                         ("http://h\\x/", "is not a host name"),
                          ("http://host:\u0668\u0660/", "is not a number")):
         for name, make in (("webhooks.url", lambda u: WebhookConfig(url=u, secret=b"s")),
                            ("moderation.url", lambda u: ModerationConfig(url=u, secret=b"s", policy="open"))):
