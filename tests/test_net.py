@@ -3774,7 +3774,11 @@ async def test_connection_churn_and_garbage_leave_no_trace(lmdb_store):
                     await trio.sleep(0.01)
                 stats = srv.statistics()
                 assert stats.broker.connections == 1 and stats.broker.online_devices == 1  # only alice
-                assert stats.outbound_bytes_queued == 0
+                # Alice's own frames (a delivery ack's answer, a Pong) may
+                # still be on their way out on a loaded machine (83 bytes
+                # once, in a CI run): nothing is left once they are written.
+                while srv.statistics().outbound_bytes_queued:
+                    await trio.sleep(0.01)
     assert [m.payload for m in lmdb_store.history(AB, 0, 10)] == [b"round %d" % r for r in range(5)]
 
 
