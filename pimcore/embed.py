@@ -44,7 +44,7 @@ from .config import (ConfigError, DataDirStart, ServeSettings, _check_data_dir, 
 from .errors import BrokerStopped, ErrorCode, PimError, StoreError
 from .frames import MessageKind
 from . import ids
-from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, _show, conversation_problem, group_problem, id_problem
+from .ids import EMPTY_GROUP, LAST_MEMBERS, SYSTEM, _show, conversation_problem, group_problem, id_problem, valid_id
 from .net.server import BrokerServer, ServerStatistics, open_broker_server
 from .store import AsyncStore, LmdbStore, Store
 from .store.base import (
@@ -674,7 +674,7 @@ class Pimcore:
         ms = _mentions(mentions, mention_all)
         payload = _payload(payload)
         _refuse_key(idempotency_key, f"post to {_show(conv)}")
-        refused = await self._check_post(conv, payload, sender, device, idempotency_key)
+        refused = await self._check_post(conv, payload, sender, device, idempotency_key, mentions=ms)
         if refused is not None:
             raise refused
         done = await self.server.host_call(
@@ -760,7 +760,7 @@ class Pimcore:
                                      or self.server.moderator is not None)
 
     async def _precheck(self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None],
-                        what: str, seq: Optional[int]) -> Optional[RequestRefused]:
+                        what: str, seq: Optional[int], mentions: Sequence[str] = ()) -> Optional[RequestRefused]:
         """The broker's own refusal of a post (or, with ``seq``, an edit) as
         ``sender`` that it refuses anyway, in its words, or None: checked
         before the content checks, which asked first -- and under the
@@ -779,8 +779,14 @@ class Pimcore:
         problem = _post_problem(conv, sender, device, key)
         if problem is not None:
             return refused(ErrorCode.BAD_REQUEST, problem)
-        if len(payload) > self.server.broker.config.limits.max_payload:
+        limits = self.server.broker.config.limits
+        if len(payload) > limits.max_payload:
             return refused(ErrorCode.PAYLOAD_TOO_LARGE, self._size(payload))
+        if len(mentions) > limits.max_mentions:
+            return refused(ErrorCode.TOO_MANY_MENTIONS, self._mentions_said(tuple(mentions)))
+        bad = next((m for m in mentions if not valid_id(m)), None)
+        if bad is not None:
+            return refused(ErrorCode.BAD_MENTION, f"{_show(bad)} is no user id")
         try:
             members = await self.members(conv)
         except RequestRefused as exc:
@@ -788,18 +794,22 @@ class Pimcore:
         if sender not in members:
             return refused(ErrorCode.NOT_MEMBER, f"{_show(sender)} is not a member of {_show(conv)}")
         if seq is not None:
+            # What the sender may see at seq: the message, or nothing to edit
+            # (none, an entry that is no message, one from before they could
+            # see the history) -- NO_SUCH_MESSAGE, as the store says.
             page = await self.history(conv, sender, from_seq=seq - 1, limit=1, backward=False)
             target = page[0] if page and page[0].seq == seq else None
-            if target is not None and target.kind == MessageKind.MESSAGE:
-                if target.sender != sender:
-                    return refused(ErrorCode.NOT_SENDER)
-                if target.recalled:
-                    return refused(ErrorCode.RECALLED)
+            if target is None or target.kind != MessageKind.MESSAGE:
+                return refused(ErrorCode.NO_SUCH_MESSAGE)
+            if target.sender != sender:
+                return refused(ErrorCode.NOT_SENDER)
+            if target.recalled:
+                return refused(ErrorCode.RECALLED)
         return None
 
     async def _check_post(
         self, conv: str, payload: bytes, sender: str, device: str, key: Union[str, bytes, None], what: str = "",
-        seq: Optional[int] = None,
+        seq: Optional[int] = None, mentions: Sequence[str] = (),
     ) -> Optional[RequestRefused]:
         """The content filter, then moderation, for one post as a user (the
         checks a client's send passes): the refusal (REJECTED, or INTERNAL
@@ -823,7 +833,7 @@ class Pimcore:
                 # (checked neither here nor by the content checks), even for
                 # a sender who left since.
                 return None
-        early = await self._precheck(conv, payload, sender, device, key, what, seq)
+        early = await self._precheck(conv, payload, sender, device, key, what, seq, mentions)
         if early is not None:
             return early
         reason, code = await self.server.check_content(sender, device, conv, bytes(payload), local_id)
@@ -874,7 +884,8 @@ class Pimcore:
         if checked:
             async def check(i: int) -> None:
                 (conv, payload), kw = calls[i][1], calls[i][2]
-                results[i] = await self._check_post(conv, payload, kw["sender"], kw["device"], kw["key"])
+                results[i] = await self._check_post(conv, payload, kw["sender"], kw["device"], kw["key"],
+                                                    mentions=kw.get("mentions", ()))
 
             async with trio.open_nursery() as nursery:
                 for i in checked:

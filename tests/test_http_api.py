@@ -1151,6 +1151,7 @@ async def test_a_null_sender_or_device_is_400_not_the_system_or_every_device(tmp
                     ("POST", "/v1/conversations/team/messages", {"payload": "x", "sender": None}),
                     ("POST", "/v1/conversations/team/messages", {"payload": "x", "sender": "alice", "device": None}),
                     ("POST", "/v1/messages", {"messages": [{"conv": "team", "payload": "x", "sender": None}]}),
+                    ("POST", "/v1/messages", {"messages": [{"conv": "team", "payload": "x", "idempotency_key": None}]}),
                     ("POST", f"/v1/conversations/team/messages/{first.seq}/edit", {"payload": "y", "sender": None}),
                     ("POST", f"/v1/conversations/team/messages/{first.seq}/recall", {"sender": None}),
                     ("POST", f"/v1/conversations/team/messages/{first.seq}/recall", {"sender": ""}),
@@ -1163,7 +1164,7 @@ async def test_a_null_sender_or_device_is_400_not_the_system_or_every_device(tmp
                     status, doc = 400, doc["results"][0]
                 assert status == 400 and "BAD_REQUEST" in json.dumps(doc), (path, body, status, doc)
                 said = json.dumps(doc)
-                assert "'sender'" in said or "'device'" in said, (path, said)
+                assert "'sender'" in said or "'device'" in said or "'idempotency_key'" in said, (path, said)
             history = await im.history("team", "alice", from_seq=0, backward=False)
             assert [(m.seq, m.payload, m.sender) for m in history] == [(first.seq, b"hello", "alice")]
 

@@ -819,12 +819,18 @@ async def test_a_host_post_the_broker_would_refuse_is_not_sent_to_moderation(tmp
                     with pytest.raises(RequestRefused) as refused:
                         await im.post("team", b"hi", sender="alice", device=device)
                     assert refused.value.code is ErrorCode.BAD_REQUEST, refused.value
+                for mentions, code in ((["a b"], ErrorCode.BAD_MENTION),
+                                       ([f"u{i}" for i in range(300)], ErrorCode.TOO_MANY_MENTIONS)):
+                    with pytest.raises(RequestRefused) as refused:
+                        await im.post("team", b"hi", sender="alice", device="web", mentions=mentions)
+                    assert refused.value.code is code, refused.value
                 assert mod.asked == []
                 assert (await im.post("team", b"hi", sender="alice", device="web")).seq == 1
                 assert len(mod.asked) == 1
                 gone = await im.post("team", b"gone", sender="alice", device="web")
                 await im.recall("team", gone.seq)
-                for seq, code in ((1, ErrorCode.NOT_SENDER), (gone.seq, ErrorCode.RECALLED)):
+                for seq, code in ((1, ErrorCode.NOT_SENDER), (gone.seq, ErrorCode.RECALLED),
+                                  (999, ErrorCode.NO_SUCH_MESSAGE), (gone.seq + 1, ErrorCode.NO_SUCH_MESSAGE)):
                     with pytest.raises(RequestRefused) as refused:
                         await im.edit("team", seq, b"new", sender="bob", device="web") if code is ErrorCode.NOT_SENDER \
                             else await im.edit("team", seq, b"new", sender="alice", device="web")

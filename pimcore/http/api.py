@@ -571,6 +571,7 @@ def register_api(router: Router, handle: "Pimcore", page_bytes: int = MAX_PAGE_B
                 _only(item, _ITEM_FIELDS, "each message takes")
                 conv = _field(item, "conv", str)
                 payload, kw = _post_fields(item)
+                _not_null(item, "idempotency_key", "to post without a key (its retry is then a second message)")
                 key = _field(item, "idempotency_key", str, None)
                 if key is not None:
                     kw["idempotency_key"] = key.encode("utf-8", "surrogatepass")
