@@ -88,25 +88,31 @@ def profile(shape: str, seconds: float, durability: str, backend: str | None, ra
     cfg = BenchConfig(conns=conns, window=window, online=online, duration=seconds, warmup=warmup,
                       durability=durability, backend=backend, progress=False)
     out = raw or os.path.join(tempfile.mkdtemp(prefix="pimcore-prof-"), "stacks.txt")
-    with BrokerProcess(cfg) as broker:
-        # py-spy samples the broker (not idle threads: samples ~ CPU) from the
-        # end of the warm-up to the end of the measured window.
-        spy: list[subprocess.Popen[bytes]] = []
+    # (Without --raw the stacks go to a directory removed at the end: each
+    # run left one in /tmp.)
+    try:
+        with BrokerProcess(cfg) as broker:
+            # py-spy samples the broker (not idle threads: samples ~ CPU) from the
+            # end of the warm-up to the end of the measured window.
+            spy: list[subprocess.Popen[bytes]] = []
 
-        def start_spy() -> None:
-            spy.append(subprocess.Popen([pyspy, "record", "--pid", str(broker.pid), "--format", "raw", "--native",
-                                         "--rate", "250", "--duration", str(int(seconds)), "--output", out],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            def start_spy() -> None:
+                spy.append(subprocess.Popen([pyspy, "record", "--pid", str(broker.pid), "--format", "raw", "--native",
+                                             "--rate", "250", "--duration", str(int(seconds)), "--output", out],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
 
-        timer = threading.Timer(warmup, start_spy)
-        timer.start()
-        res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
-        timer.cancel()
-        for p in spy:
-            _, err = p.communicate(timeout=seconds + 60)
-            if p.returncode != 0 and not os.path.exists(out):
-                raise SystemExit(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
-    counts = summarize(Path(out).read_text())
+            timer = threading.Timer(warmup, start_spy)
+            timer.start()
+            res = _run_against(cfg, broker.url, broker.secret, broker.pid, broker.backend)
+            timer.cancel()
+            for p in spy:
+                _, err = p.communicate(timeout=seconds + 60)
+                if p.returncode != 0 and not os.path.exists(out):
+                    raise SystemExit(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+        counts = summarize(Path(out).read_text())
+    finally:
+        if not raw:
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)
     # py-spy leaves out threads idle in epoll_wait, but not one blocked in
     # fdatasync: those samples are wall time, not CPU; shown apart.
     blocked = counts.pop(FSYNC, 0)
