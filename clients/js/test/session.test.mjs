@@ -22,10 +22,21 @@ function loginAck(extra = {}) {
   return frame('LoginAck', { user: 'u', device: 'd', server_time: 1, position: 0, head: 0, gap: false, max_frame: 1 << 20,
     max_payload: 65536, window: 4, heartbeat_ms: 0, caps: 0, epoch: EPOCH, resync: false, states: 0, ...extra });
 }
+async function opened(before) {
+  // The client's socket once it has sent its Login and CalibrateReq: a token
+  // function answers on a later turn, and on a loaded machine (a CI run) 5 ms
+  // was not always enough ("Cannot read properties of undefined").
+  for (let i = 0; i < 400; i++) {
+    const ws = FakeWS.all.length > before ? FakeWS.all.at(-1) : null;
+    if (ws && ws.of('Login')[0] && ws.of('CalibrateReq')[0]) return ws;
+    await sleep(5);
+  }
+  throw new Error('the client sent no Login and CalibrateReq within 2 s');
+}
 async function connected(c) {
+  const before = FakeWS.all.length;
   const p = c.connect();
-  await sleep(5);
-  const ws = FakeWS.all.at(-1);
+  const ws = await opened(before);
   const login = ws.of('Login')[0];
   const cal = ws.of('CalibrateReq')[0];
   ws.deliver(loginAck(), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time + 1000 }));
@@ -35,9 +46,9 @@ async function connected(c) {
 }
 async function connectedWithHeartbeat(c, heartbeatMs) {
   // Logged in with a heartbeat of heartbeatMs, the device clock calibrated at offset 0.
+  const before = FakeWS.all.length;
   const p = c.connect();
-  await sleep(5);
-  const ws = FakeWS.all.at(-1);
+  const ws = await opened(before);
   const cal = ws.of('CalibrateReq')[0];
   ws.deliver(loginAck({ heartbeat_ms: heartbeatMs }), frame('CalibrateResp', { client_time: cal.client_time, server_time: cal.client_time }));
   await p;
